@@ -1,0 +1,459 @@
+"""The probability-flow ODE (Song et al. 2021, eq. 13) solved with diffrax.
+
+Every public function here validates its arguments in Python, then calls one `eqx.filter_jit`-ed
+function that vmaps a single-example `diffrax.diffeqsolve` over the batch. Each example is solved
+with its own adaptive step sizes, so a result never depends on what else is in the batch, and
+`nfe` is counted per example (see `_nfe.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, PRNGKeyArray
+
+from ._nfe import check_ode_solver, count_evaluations
+from ._results import (
+    BitsPerDimResult,
+    DecodeResult,
+    EncodeResult,
+    LikelihoodResult,
+    SampleResult,
+)
+from ._sde import AbstractSDE
+from ._validate import (
+    as_float_batch,
+    check_eps,
+    check_model,
+    check_positive_float,
+    check_positive_int,
+    check_sde,
+    check_shape,
+    error_if_nonfinite,
+)
+
+_TRACES = ("gaussian", "rademacher", "exact")
+_DIVERGENCE_MODES = ("jvp", "vjp")
+
+
+class ProbabilityFlowODE(eqx.Module):
+    """dx/dt = f(t) x - 1/2 g(t)^2 score(t, x), eq. (13), as a diffrax vector field."""
+
+    model: Callable
+    sde: AbstractSDE
+
+    def __call__(self, t, y, args):
+        del args
+        g2 = self.sde.diffusion(t) ** 2
+        out = self.sde.drift_coef(t) * y - 0.5 * g2 * self.model(t, y)
+        return out.astype(y.dtype)
+
+
+class AugmentedProbabilityFlowODE(eqx.Module):
+    """The probability-flow ODE with d/dt of int div F (appendix D), from one JVP or VJP.
+
+    State `(x, delta)`. The drift is linear, so div F = D f(t) - 1/2 g(t)^2 div score exactly; only
+    div score is estimated (Hutchinson) or computed exactly (`probes=None`), which removes the
+    estimator variance the linear part would otherwise add.
+    """
+
+    model: Callable
+    sde: AbstractSDE
+    probes: Array | None  # [P, *shape] fixed probes for this solve; None: the exact trace
+    divergence_mode: str = "jvp"
+
+    def __call__(self, t, y, args):
+        del args
+        x, _ = y
+        fn = lambda xi: self.model(t, xi)
+        if self.probes is None:
+            # Exact trace: the diagonal of the Jacobian from one linearisation, pushed along
+            # every basis vector.
+            score, lin = jax.linearize(fn, x)
+            basis = jnp.eye(x.size, dtype=x.dtype).reshape((x.size,) + x.shape)
+            trace = jnp.sum(basis * jax.vmap(lin)(basis))
+        elif self.divergence_mode == "vjp":
+            score, vjp_fn = jax.vjp(fn, x)
+            vjps = jax.vmap(lambda v: vjp_fn(v)[0])(self.probes)
+            trace = jnp.sum(self.probes * vjps) / self.probes.shape[0]
+        elif self.probes.shape[0] == 1:
+            score, jv = jax.jvp(fn, (x,), (self.probes[0],))
+            trace = jnp.sum(self.probes[0] * jv)
+        else:
+            score, lin = jax.linearize(fn, x)
+            trace = jnp.sum(self.probes * jax.vmap(lin)(self.probes)) / self.probes.shape[0]
+        f = self.sde.drift_coef(t)
+        g2 = self.sde.diffusion(t) ** 2
+        dx = (f * x - 0.5 * g2 * score).astype(x.dtype)  # eq. (13)
+        div = (f * x.size - 0.5 * g2 * trace).astype(x.dtype)
+        return dx, div
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ODEOptions:
+    """How to solve the probability-flow ODE: diffrax solver, tolerances or fixed steps."""
+
+    solver: diffrax.AbstractSolver
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    steps: int | None = None
+    max_steps: int = 16384
+
+    @property
+    def adaptive(self) -> bool:
+        return self.steps is None
+
+
+def make_ode_options(solver, rtol, atol, steps, max_steps) -> ODEOptions:
+    if solver is None:
+        solver = diffrax.Tsit5()
+    check_ode_solver(solver)
+    rtol = check_positive_float(rtol, "rtol")
+    atol = check_positive_float(atol, "atol")
+    steps = check_positive_int(steps, "steps", allow_none=True)
+    max_steps = check_positive_int(max_steps, "max_steps")
+    if steps is None and not _has_error_estimate(solver):
+        raise ValueError(
+            f"solver={type(solver).__name__} has no error estimate, so it cannot choose its own "
+            "steps: pass steps=N for N uniform steps, or an adaptive solver such as "
+            "diffrax.Tsit5()"
+        )
+    if steps is not None and steps > max_steps:
+        raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
+    return ODEOptions(solver=solver, rtol=rtol, atol=atol, steps=steps, max_steps=max_steps)
+
+
+def _has_error_estimate(solver) -> bool:
+    if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
+        return False
+    if isinstance(solver, diffrax.AbstractRungeKutta):
+        return solver.tableau.b_error is not None and bool(
+            any(float(b) != 0.0 for b in solver.tableau.b_error)
+        )
+    return True
+
+
+def _error_order(solver, term) -> float:
+    try:
+        order = solver.order(term)
+    except Exception:  # solvers without a stated order
+        order = None
+    return 2.0 if order is None else float(order)
+
+
+def select_initial_step(vector_field, y0, t0: float, t1: float, opts: ODEOptions, order: float):
+    """The first step size of an adaptive solve (Hairer, Norsett & Wanner, Solving ODEs I, II.4).
+
+    Two evaluations of the vector field, counted in `nfe`. diffrax's own selection is skipped for
+    wrapped terms (it then starts every solve with a step of 0.01), so probflow does it here.
+    """
+    direction = 1.0 if t1 > t0 else -1.0
+    leaves = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
+    y = leaves(y0)
+    scale = opts.atol + jnp.abs(y) * opts.rtol
+    rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v / scale)))
+    f0 = vector_field(t0, y0, None)
+    d0, d1 = rms(y), rms(leaves(f0))
+    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-30))
+    # Unlike the textbook rule, never probe outside [t0, t1]: the SDE may not exist there.
+    h0 = jnp.minimum(h0, abs(t1 - t0))
+    y1 = jax.tree_util.tree_map(lambda a, f: a + direction * h0 * f, y0, f0)
+    f1 = vector_field(t0 + direction * h0, y1, None)
+    d2 = rms(leaves(f1) - leaves(f0)) / h0
+    max_d = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        max_d <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / jnp.maximum(max_d, 1e-30)) ** (1 / order)
+    )
+    h = jnp.minimum(jnp.minimum(100 * h0, h1), abs(t1 - t0))
+    h = jnp.where(jnp.isfinite(h) & (h > 0), h, 1e-6)
+    return jax.lax.stop_gradient(direction * h).astype(y.dtype)
+
+
+def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
+    """One diffrax solve of one example from t0 to t1; returns (y1, nfe, num_steps).
+
+    A solve that fails (max_steps reached, step size underflow, non-finite values) raises through
+    `eqx.error_if` with a message that names the fix.
+    """
+    dtype = jax.tree_util.tree_leaves(y0)[0].dtype
+    term = diffrax.ODETerm(vector_field)
+    if opts.adaptive:
+        controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        dt0 = select_initial_step(vector_field, y0, t0, t1, opts, _error_order(opts.solver, term))
+    else:
+        controller = diffrax.StepTo(ts=jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype))
+        dt0 = None
+    sol = diffrax.diffeqsolve(
+        term,
+        opts.solver,
+        t0=jnp.asarray(t0, dtype),
+        t1=jnp.asarray(t1, dtype),
+        dt0=dt0,
+        y0=y0,
+        saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=controller,
+        max_steps=opts.max_steps,
+        throw=False,
+    )
+    y1 = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
+    num_steps = sol.stats["num_steps"]
+    nfe = count_evaluations(opts.solver, num_steps, adaptive=opts.adaptive)
+    y1 = eqx.error_if(
+        y1,
+        sol.result == diffrax.RESULTS.max_steps_reached,
+        f"the ODE solve reached max_steps={opts.max_steps} before finishing; raise max_steps "
+        "or loosen rtol/atol",
+    )
+    y1 = eqx.error_if(
+        y1,
+        (sol.result != diffrax.RESULTS.successful)
+        & (sol.result != diffrax.RESULTS.max_steps_reached),
+        "the ODE solve failed (step size underflow or non-finite values); check that the model "
+        "returns finite scores and that eps is not too small for this model",
+    )
+    return y1, nfe, num_steps
+
+
+def _check_flow_inputs(model, sde, x, eps, name="x"):
+    # The model itself is checked inside the jitted functions (`check_model`), so that the check
+    # runs once per trace rather than on every call.
+    sde = check_sde(sde)
+    eps = check_eps(eps, sde)
+    x = as_float_batch(x, name)
+    if not callable(model):
+        raise ValueError(f"model must be a callable model(t, x) -> score, got {type(model)}")
+    return sde, eps, x
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+@eqx.filter_jit
+def _encode(model, sde, x, eps, opts):
+    check_model(model, x.shape[1:], x.dtype)
+    x = error_if_nonfinite(x, "x")
+    vf = ProbabilityFlowODE(model, sde)
+    return jax.vmap(lambda xi: solve_flow(vf, xi, eps, sde.T, opts))(x)
+
+
+@eqx.filter_jit
+def _decode(model, sde, z, eps, opts):
+    check_model(model, z.shape[1:], z.dtype)
+    z = error_if_nonfinite(z, "z")
+    vf = ProbabilityFlowODE(model, sde)
+    return jax.vmap(lambda zi: solve_flow(vf, zi, sde.T, eps, opts))(z)
+
+
+def encode(
+    model: Callable,
+    sde: AbstractSDE,
+    x: ArrayLike,
+    *,
+    eps: float = 1e-3,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    max_steps: int = 16384,
+) -> EncodeResult:
+    """Latents z = x(T) of a batch `x`, solving the probability-flow ODE from eps to T."""
+    sde, eps, x = _check_flow_inputs(model, sde, x, eps)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps)
+    z, nfe, num_steps = _encode(model, sde, x, eps, opts)
+    return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
+
+
+def decode(
+    model: Callable,
+    sde: AbstractSDE,
+    z: ArrayLike,
+    *,
+    eps: float = 1e-3,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    max_steps: int = 16384,
+) -> DecodeResult:
+    """Data x = x(eps) from a batch of latents `z`, solving the ODE from T back to eps."""
+    sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps)
+    x, nfe, num_steps = _decode(model, sde, z, eps, opts)
+    return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
+
+
+def sample_ode(
+    model: Callable,
+    sde: AbstractSDE,
+    num_samples: int,
+    shape: tuple[int, ...],
+    *,
+    key: PRNGKeyArray,
+    eps: float = 1e-3,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    max_steps: int = 16384,
+    dtype=None,
+) -> SampleResult:
+    """`num_samples` samples of the given example `shape`: prior draws decoded by the ODE."""
+    sde = check_sde(sde)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    shape = check_shape(shape)
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    keys = jax.random.split(key, num_samples)
+    z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(keys)
+    r = decode(
+        model, sde, z, eps=eps, solver=solver, rtol=rtol, atol=atol, steps=steps,
+        max_steps=max_steps,
+    )
+    return SampleResult(x=r.x, nfe=r.nfe, num_steps=r.num_steps)
+
+
+# --------------------------------------------------------------------------- likelihoods
+
+
+def _draw_probes(key, trace: str, num_probes: int, shape, dtype) -> Array:
+    if trace == "gaussian":
+        return jax.random.normal(key, (num_probes,) + shape, dtype)
+    return jax.random.rademacher(key, (num_probes,) + shape, dtype)
+
+
+@eqx.filter_jit
+def _log_likelihood(model, sde, x, keys, eps, opts, trace, num_probes, divergence_mode):
+    check_model(model, x.shape[1:], x.dtype)
+    x = error_if_nonfinite(x, "x")
+
+    def one(xi, key):
+        probes = None
+        if trace != "exact":
+            probes = _draw_probes(key, trace, num_probes, xi.shape, xi.dtype)
+        vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode)
+        y0 = (xi, jnp.zeros((), xi.dtype))
+        (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts)
+        # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D)
+        return sde.prior_logp(z) + delta, z, nfe, num_steps
+
+    return jax.vmap(one)(x, keys)
+
+
+def _check_likelihood_options(trace, num_probes, key, divergence_mode):
+    if trace not in _TRACES:
+        raise ValueError(f"trace must be one of {_TRACES}, got {trace!r}")
+    num_probes = check_positive_int(num_probes, "num_probes")
+    if divergence_mode not in _DIVERGENCE_MODES:
+        raise ValueError(f"divergence_mode must be one of {_DIVERGENCE_MODES}, got {divergence_mode!r}")
+    if key is None and trace != "exact":
+        raise ValueError(f"key is required for trace={trace!r} (it draws the Hutchinson probes)")
+    return num_probes
+
+
+def log_likelihood(
+    model: Callable,
+    sde: AbstractSDE,
+    x: ArrayLike,
+    *,
+    key: PRNGKeyArray | None = None,
+    trace: str = "gaussian",
+    num_probes: int = 1,
+    eps: float = 1e-5,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    max_steps: int = 16384,
+    divergence_mode: str = "jvp",
+) -> LikelihoodResult:
+    """log p_eps(x) in nats for a batch, by the ODE augmented with the divergence (appendix D).
+
+    log p_eps(x) = sde.prior_logp(z) + int_eps^T div F(x(t), t) dt with z = x(T). The divergence is
+    exact (`trace="exact"`, one JVP per dimension) or Hutchinson's estimate with `num_probes`
+    Gaussian or Rademacher probes, fixed for the whole solve and independent per example.
+    """
+    sde, eps, x = _check_flow_inputs(model, sde, x, eps)
+    num_probes = _check_likelihood_options(trace, num_probes, key, divergence_mode)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps)
+    if key is None:
+        key = jax.random.key(0)  # unused: the exact trace draws nothing
+    keys = jax.random.split(key, x.shape[0])
+    logp, z, nfe, num_steps = _log_likelihood(
+        model, sde, x, keys, eps, opts, trace, num_probes, divergence_mode
+    )
+    return LikelihoodResult(logp=logp, z=z, nfe=nfe, num_steps=num_steps)
+
+
+@eqx.filter_jit
+def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
+    bad = (x_int < 0) | (x_int >= num_bins)
+    x_int = eqx.error_if(
+        x_int, jnp.any(bad), f"x_int must hold integers in [0, num_bins={num_bins})"
+    )
+    if dequantize:
+        u = jax.random.uniform(key, x_int.shape, dtype)
+    else:
+        u = jnp.full(x_int.shape, 0.5, dtype)
+    y = x_int.astype(dtype) + u
+    return lo + (hi - lo) * y / num_bins
+
+
+def bits_per_dim(
+    model: Callable,
+    sde: AbstractSDE,
+    x_int: ArrayLike,
+    *,
+    key: PRNGKeyArray | None = None,
+    num_bins: int = 256,
+    data_range: tuple[float, float] = (0.0, 1.0),
+    dequantize: bool = True,
+    eps: float = 1e-5,
+    dtype=None,
+    **likelihood_options,
+) -> BitsPerDimResult:
+    """Bits per dimension of integer data under uniform dequantization.
+
+    y = x_int + u with u ~ U[0, 1)^D (u = 1/2 without dequantization); the model sees
+    x = lo + (hi - lo) y / num_bins; then
+
+        bpd = -(log p(x) + D log((hi - lo) / num_bins)) / (D log 2),
+
+    the negative log-likelihood of y / num_bins on [0, 1]^D in bits per dimension, an upper bound on
+    the discrete data's code length (Theis et al. 2016).
+    """
+    if isinstance(x_int, (list, tuple)):
+        x_int = jnp.asarray(x_int)
+    if not hasattr(x_int, "dtype") or not jnp.issubdtype(x_int.dtype, jnp.integer):
+        got = getattr(x_int, "dtype", type(x_int))
+        raise ValueError(
+            f"x_int must be an integer array (pixel levels in [0, num_bins)), got {got}; "
+            "pass the raw integer data, not values already scaled to the model's range"
+        )
+    x_int = jnp.asarray(x_int)
+    if x_int.ndim < 1 or x_int.shape[0] < 1:
+        raise ValueError(f"x_int must have a leading batch axis, got shape {x_int.shape}")
+    num_bins = check_positive_int(num_bins, "num_bins")
+    if num_bins < 2:
+        raise ValueError(f"num_bins must be >= 2, got {num_bins}")
+    try:
+        lo, hi = (float(v) for v in data_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"data_range must be a pair (lo, hi), got {data_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"data_range must be finite with hi > lo, got {data_range!r}")
+    if key is None and dequantize:
+        raise ValueError("key is required when dequantize=True (it draws the noise u)")
+    if key is None:
+        key = jax.random.key(0)
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    k_deq, k_probe = jax.random.split(key)
+    x = _dequantize(x_int, k_deq, num_bins, lo, hi, bool(dequantize), dtype)
+    r = log_likelihood(model, sde, x, key=k_probe, eps=eps, **likelihood_options)
+    d = math.prod(x.shape[1:])
+    bpd = -(r.logp + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))
+    return BitsPerDimResult(bpd=bpd, logp=r.logp, z=r.z, nfe=r.nfe, num_steps=r.num_steps)

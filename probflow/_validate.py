@@ -1,0 +1,122 @@
+"""Argument checks shared by every public entry point.
+
+Trace-time mistakes (wrong types, shapes, options) raise `ValueError` naming the argument and what
+was expected; runtime values (non-finite data, out-of-range integers) go through `eqx.error_if`,
+whose returned value the callers keep so that the check cannot be optimised away.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from ._sde import AbstractSDE
+
+
+def check_sde(sde) -> AbstractSDE:
+    if not isinstance(sde, AbstractSDE):
+        raise ValueError(
+            f"sde must be a probflow SDE (VPSDE, SubVPSDE or VESDE), got {type(sde).__name__}"
+        )
+    return sde
+
+
+def check_eps(eps, sde: AbstractSDE, name: str = "eps") -> float:
+    if isinstance(eps, (jax.Array, np.ndarray)) and eps.ndim == 0:
+        eps = eps.item()
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"{name} must be a Python float in (0, T={sde.T}), got {eps!r}")
+    eps = float(eps)
+    if not (0.0 < eps < sde.T):
+        raise ValueError(
+            f"{name} must lie in (0, T={sde.T}), got {eps}; the paper uses 1e-3 for sampling "
+            "and 1e-5 for likelihoods"
+        )
+    return eps
+
+
+def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        ivalue = operator.index(value)
+    except TypeError:
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+    if ivalue < 1:
+        raise ValueError(f"{name} must be >= 1, got {ivalue}")
+    return ivalue
+
+
+def check_positive_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"{name} must be a tuple of positive ints, got {shape!r}") from None
+    if any(s < 1 for s in shape):
+        raise ValueError(f"{name} must be a tuple of positive ints, got {shape!r}")
+    return shape
+
+
+def as_float_batch(x, name: str = "x") -> Array:
+    """A batch of real examples: a floating array with a leading batch axis."""
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise ValueError(f"{name} must be an array with a leading batch axis, got {type(x)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating-point array, got dtype {x.dtype}; integer images go to "
+            "bits_per_dim, or convert them to the model's data range first"
+        )
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have a leading batch axis of size >= 1, got shape {x.shape}")
+    return x
+
+
+def check_model(model: Callable, example_shape: tuple[int, ...], dtype, name: str = "model"):
+    """The score model must map one example to an array of the same shape."""
+    if not callable(model):
+        raise ValueError(f"{name} must be a callable model(t, x) -> score, got {type(model)}")
+    t = jax.ShapeDtypeStruct((), dtype)
+    x = jax.ShapeDtypeStruct(example_shape, dtype)
+    try:
+        out = eqx.filter_eval_shape(model, t, x)
+    except Exception as exc:  # the model cannot take an example of this shape
+        raise ValueError(
+            f"{name}(t, x) failed for one example of shape {example_shape}: {exc}. Pass data "
+            "whose shape (without the batch axis) is what the model expects"
+        ) from exc
+    if not hasattr(out, "shape") or tuple(out.shape) != tuple(example_shape):
+        got = getattr(out, "shape", type(out))
+        raise ValueError(
+            f"{name}(t, x) must return a score of the example's shape {example_shape}, got {got}; "
+            "check that x (without its batch axis) has the shape the model was built for"
+        )
+
+
+def error_if_nonfinite(x: Array, name: str = "x") -> Array:
+    return eqx.error_if(
+        x, ~jnp.all(jnp.isfinite(x)), f"{name} contains NaN or inf values; pass finite data"
+    )
