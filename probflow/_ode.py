@@ -18,6 +18,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
+from ._dpm import (
+    AbstractExponentialIntegrator,
+    LogSNRTimeODE,
+    check_time,
+    log_snr_of,
+)
 from ._nfe import check_ode_solver, count_evaluations
 from ._results import (
     BitsPerDimResult,
@@ -104,13 +110,14 @@ class ODEOptions:
     atol: float = 1e-5
     steps: int | None = None
     max_steps: int = 16384
+    time: str = "t"  # the solve's clock: "t", or "log_snr" (lambda = log(scale / std))
 
     @property
     def adaptive(self) -> bool:
         return self.steps is None
 
 
-def make_ode_options(solver, rtol, atol, steps, max_steps) -> ODEOptions:
+def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptions:
     if solver is None:
         solver = diffrax.Tsit5()
     check_ode_solver(solver)
@@ -118,6 +125,16 @@ def make_ode_options(solver, rtol, atol, steps, max_steps) -> ODEOptions:
     atol = check_positive_float(atol, "atol")
     steps = check_positive_int(steps, "steps", allow_none=True)
     max_steps = check_positive_int(max_steps, "max_steps")
+    time = check_time(time)
+    if (
+        steps is None
+        and isinstance(solver, AbstractExponentialIntegrator)
+        and not solver.supports_adaptive
+    ):
+        raise ValueError(
+            f"steps=None needs an error estimate, which {solver!r} lacks: pass steps=N, or use "
+            "the adaptive pf.DPMSolver(order=2) or pf.DPMSolver(order=3) (DPM-Solver-12/23)"
+        )
     if steps is None and not _has_error_estimate(solver):
         raise ValueError(
             f"solver={type(solver).__name__} has no error estimate, so it cannot choose its own "
@@ -126,7 +143,9 @@ def make_ode_options(solver, rtol, atol, steps, max_steps) -> ODEOptions:
         )
     if steps is not None and steps > max_steps:
         raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
-    return ODEOptions(solver=solver, rtol=rtol, atol=atol, steps=steps, max_steps=max_steps)
+    return ODEOptions(
+        solver=solver, rtol=rtol, atol=atol, steps=steps, max_steps=max_steps, time=time
+    )
 
 
 def _has_error_estimate(solver) -> bool:
@@ -182,16 +201,34 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
     `eqx.error_if` with a message that names the fix.
     """
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
+    solver = opts.solver
+    sde = getattr(vector_field, "sde", None)
+    ts = None
+    if opts.steps is not None:
+        if isinstance(solver, AbstractExponentialIntegrator):
+            ts = solver.step_times(sde, t0, t1, opts.steps, dtype)  # the solver's own schedule
+        elif opts.time == "t":
+            ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)
+    if opts.time == "log_snr":
+        # Solve in lambda-time: dy/dlambda = F(t(lambda), y) dt/dlambda (see _dpm.LogSNRTimeODE).
+        vector_field = LogSNRTimeODE(vector_field, sde)
+        t0, t1 = log_snr_of(sde, t0), log_snr_of(sde, t1)
+        if ts is None and opts.steps is not None:
+            ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)  # uniform in lambda
+        elif ts is not None:
+            ts = sde.log_snr(ts).astype(dtype).at[0].set(t0).at[-1].set(t1)
+    if isinstance(solver, AbstractExponentialIntegrator):
+        solver = solver.bind(sde, opts.time, opts.steps)
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
         controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
-        dt0 = select_initial_step(vector_field, y0, t0, t1, opts, _error_order(opts.solver, term))
+        dt0 = select_initial_step(vector_field, y0, t0, t1, opts, _error_order(solver, term))
     else:
-        controller = diffrax.StepTo(ts=jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype))
+        controller = diffrax.StepTo(ts=ts)
         dt0 = None
     sol = diffrax.diffeqsolve(
         term,
-        opts.solver,
+        solver,
         t0=jnp.asarray(t0, dtype),
         t1=jnp.asarray(t1, dtype),
         dt0=dt0,
@@ -261,10 +298,14 @@ def encode(
     atol: float = 1e-5,
     steps: int | None = None,
     max_steps: int = 16384,
+    time: str = "t",
 ) -> EncodeResult:
-    """Latents z = x(T) of a batch `x`, solving the probability-flow ODE from eps to T."""
+    """Latents z = x(T) of a batch `x`, solving the probability-flow ODE from eps to T.
+
+    `time="log_snr"` solves the ODE in lambda = log(scale / std) instead of t (same nfe counting).
+    """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
     z, nfe, num_steps = _encode(model, sde, x, eps, opts)
     return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
 
@@ -280,10 +321,14 @@ def decode(
     atol: float = 1e-5,
     steps: int | None = None,
     max_steps: int = 16384,
+    time: str = "t",
 ) -> DecodeResult:
-    """Data x = x(eps) from a batch of latents `z`, solving the ODE from T back to eps."""
+    """Data x = x(eps) from a batch of latents `z`, solving the ODE from T back to eps.
+
+    `time="log_snr"` solves the ODE in lambda = log(scale / std) instead of t (same nfe counting).
+    """
     sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
     x, nfe, num_steps = _decode(model, sde, z, eps, opts)
     return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
 
@@ -302,6 +347,7 @@ def sample_ode(
     steps: int | None = None,
     max_steps: int = 16384,
     dtype=None,
+    time: str = "t",
 ) -> SampleResult:
     """`num_samples` samples of the given example `shape`: prior draws decoded by the ODE."""
     sde = check_sde(sde)
@@ -312,7 +358,7 @@ def sample_ode(
     z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(keys)
     r = decode(
         model, sde, z, eps=eps, solver=solver, rtol=rtol, atol=atol, steps=steps,
-        max_steps=max_steps,
+        max_steps=max_steps, time=time,
     )
     return SampleResult(x=r.x, nfe=r.nfe, num_steps=r.num_steps)
 
@@ -370,16 +416,19 @@ def log_likelihood(
     steps: int | None = None,
     max_steps: int = 16384,
     divergence_mode: str = "jvp",
+    time: str = "t",
 ) -> LikelihoodResult:
     """log p_eps(x) in nats for a batch, by the ODE augmented with the divergence (appendix D).
 
     log p_eps(x) = sde.prior_logp(z) + int_eps^T div F(x(t), t) dt with z = x(T). The divergence is
     exact (`trace="exact"`, one JVP per dimension) or Hutchinson's estimate with `num_probes`
     Gaussian or Rademacher probes, fixed for the whole solve and independent per example.
+    `time="log_snr"` solves in lambda-time; the exponential integrators (`pf.DPMSolver`,
+    `pf.DPMSolverMultistep`) integrate the divergence alongside x (see `_dpm.py`).
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
     num_probes = _check_likelihood_options(trace, num_probes, key, divergence_mode)
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
     keys = jax.random.split(key, x.shape[0])

@@ -171,7 +171,8 @@ class SubVPSDE(AbstractSDE):
 
     def time_of_log_snr(self, lam):
         # scale / std = exp(-B/2) / (1 - exp(-B)) = exp(lam). With u = exp(-B/2):
-        # u = e^lam (1 - u^2)  =>  e^lam u^2 + u - e^lam = 0  =>  u = 2 e^lam / (1 + sqrt(1 + 4 e^2lam))
+        # u = e^lam (1 - u^2), so e^lam u^2 + u - e^lam = 0 and
+        # u = 2 e^lam / (1 + sqrt(1 + 4 e^2lam)).
         lam = _as_time(lam)
         el = jnp.exp(lam)
         u = 2.0 * el / (1.0 + jnp.sqrt(1.0 + 4.0 * el * el))

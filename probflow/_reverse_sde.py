@@ -1,0 +1,250 @@
+"""The reverse-time SDE (Song et al. 2021, eq. 6) solved with diffrax SDE solvers.
+
+    dx = [f(t) x - g(t)^2 score(t, x)] dt + g(t) dw_bar,  from t = T down to t = eps.
+
+The drift is an `ODETerm`, the diffusion a `ControlTerm` driven by a `VirtualBrownianTree`; the
+noise is additive (g does not depend on x), so every diffrax SDE solver applies, including the
+stochastic Runge--Kutta methods for additive noise (SRA1, ShARK, SEA). The solve runs forward in
+the reversed time s = T - t, from 0 to T - eps:
+
+    dx = -[f(t) x - g(t)^2 score(t, x)] ds + g(t) dw_s,  t = T - s,
+
+which is eq. (6) with w_s the reverse-time Brownian motion. (diffrax 0.7's stochastic
+Runge--Kutta solvers ignore the sign of the step when t0 > t1 and integrate the drift forwards,
+so probflow never asks diffrax to run an SDE backwards.)
+
+As in `_ode.py`, the public function validates in Python and then calls one `eqx.filter_jit`-ed
+function that vmaps a single-example solve: each example has its own Brownian path (its own key)
+and, with adaptive stepping, its own step sizes, so a sample never depends on the rest of the
+batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import PRNGKeyArray
+
+from ._results import SampleResult
+from ._sde import AbstractSDE
+from ._validate import (
+    check_eps,
+    check_model,
+    check_positive_float,
+    check_positive_int,
+    check_sde,
+    check_shape,
+)
+
+
+class ReverseSDEDrift(eqx.Module):
+    """The drift of the reverse SDE in reversed time s = T - t: -[f(t) x - g(t)^2 score(t, x)]."""
+
+    model: Callable
+    sde: AbstractSDE
+
+    def __call__(self, s, y, args):
+        del args
+        t = self.sde.T - s
+        g2 = self.sde.diffusion(t) ** 2
+        return -(self.sde.drift_coef(t) * y - g2 * self.model(t, y)).astype(y.dtype)
+
+
+class ReverseSDEDiffusion(eqx.Module):
+    """The diffusion of the reverse SDE in reversed time s = T - t, g(t) I (eq. 6)."""
+
+    sde: AbstractSDE
+
+    def __call__(self, s, y, args):
+        del args
+        g = self.sde.diffusion(self.sde.T - s)
+        return lx.DiagonalLinearOperator(jnp.full(y.shape, g, y.dtype))
+
+
+# Score evaluations per step of each supported solver: (at initialisation, per step). Measured
+# against a host-side counter (tests/test_samplers.py); the diffusion term never calls the model.
+_SDE_SOLVER_COST: dict[type, tuple[int, int]] = {
+    diffrax.Euler: (0, 1),
+    diffrax.EulerHeun: (0, 1),
+    diffrax.ItoMilstein: (0, 1),
+    diffrax.StratonovichMilstein: (0, 1),
+    diffrax.Heun: (0, 2),
+    diffrax.Midpoint: (0, 2),
+    diffrax.Ralston: (0, 2),
+    diffrax.ReversibleHeun: (1, 1),
+    diffrax.SEA: (0, 1),
+    diffrax.SRA1: (0, 2),
+    diffrax.ShARK: (0, 2),
+    diffrax.GeneralShARK: (0, 2),
+    diffrax.SPaRK: (0, 3),
+    diffrax.SlowRK: (0, 2),
+}
+# Solvers with an error estimate that diffrax accepts for adaptive SDE solves.
+_ADAPTIVE_SDE_SOLVERS = (diffrax.Heun, diffrax.ReversibleHeun, diffrax.SRA1, diffrax.ShARK,
+                         diffrax.SPaRK)
+
+
+def _solver_cost(solver) -> tuple[int, int]:
+    cost = _SDE_SOLVER_COST.get(type(solver))
+    if cost is None:
+        names = ", ".join(sorted(c.__name__ for c in _SDE_SOLVER_COST))
+        raise ValueError(
+            f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
+            f"score evaluations exactly and knows how for the diffrax SDE solvers {names}"
+        )
+    return cost
+
+
+def _levy_area(solver) -> type:
+    """The cheapest Brownian path information the solver needs (increments, or Levy area)."""
+    minimal = getattr(solver, "minimal_levy_area", diffrax.AbstractBrownianIncrement)
+    for cls in (diffrax.BrownianIncrement, diffrax.SpaceTimeLevyArea,
+                diffrax.SpaceTimeTimeLevyArea):
+        if issubclass(cls, minimal):
+            return cls
+    raise ValueError(f"solver={type(solver).__name__} needs an unsupported Levy area {minimal}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SDEOptions:
+    """How to solve the reverse SDE: diffrax solver, fixed steps or adaptive tolerances."""
+
+    solver: diffrax.AbstractSolver
+    steps: int | None = 1000
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_steps: int = 16384
+
+    @property
+    def adaptive(self) -> bool:
+        return self.steps is None
+
+
+def make_sde_options(solver, steps, rtol, atol, max_steps) -> SDEOptions:
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise ValueError(
+            f"solver must be a diffrax SDE solver such as diffrax.Euler(), got "
+            f"{type(solver).__name__}"
+        )
+    _solver_cost(solver)
+    steps = check_positive_int(steps, "steps", allow_none=True)
+    rtol = check_positive_float(rtol, "rtol")
+    atol = check_positive_float(atol, "atol")
+    max_steps = check_positive_int(max_steps, "max_steps")
+    if steps is None and not isinstance(solver, _ADAPTIVE_SDE_SOLVERS):
+        names = ", ".join(c.__name__ for c in _ADAPTIVE_SDE_SOLVERS)
+        raise ValueError(
+            f"solver={type(solver).__name__} cannot choose its own steps for an SDE (no error "
+            f"estimate, or not convergent with adaptive steps): pass steps=N, or steps=None "
+            f"with one of {names}"
+        )
+    if steps is not None and steps > max_steps:
+        raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
+    return SDEOptions(solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, opts: SDEOptions):
+    """One example of the reverse SDE from T to eps; returns (x_eps, nfe, num_steps)."""
+    dtype = x_T.dtype
+    s_end = float(sde.T) - float(eps)  # reversed time s = T - t runs from 0 to T - eps
+    if opts.adaptive:
+        controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        dt0 = jnp.asarray(s_end / 64, dtype)
+        tol = s_end * 2.0**-16
+    else:
+        controller = diffrax.StepTo(ts=jnp.linspace(0.0, s_end, opts.steps + 1, dtype=dtype))
+        dt0 = None
+        # Finest dyadic cell smaller than a step: each cell holds at most one grid time, where
+        # the tree samples the Brownian bridge exactly, so increments are exact in distribution.
+        tol = s_end / (4 * opts.steps)
+    brownian = diffrax.VirtualBrownianTree(
+        0.0, s_end, tol=tol, shape=jax.ShapeDtypeStruct(x_T.shape, dtype), key=key,
+        levy_area=_levy_area(opts.solver),
+    )
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(ReverseSDEDrift(model, sde)),
+        diffrax.ControlTerm(ReverseSDEDiffusion(sde), brownian),
+    )
+    sol = diffrax.diffeqsolve(
+        terms,
+        opts.solver,
+        t0=jnp.asarray(0.0, dtype),
+        t1=jnp.asarray(s_end, dtype),
+        dt0=dt0,
+        y0=x_T,
+        saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=controller,
+        max_steps=opts.max_steps,
+        throw=False,
+    )
+    x = sol.ys[-1]
+    num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
+    init, per_step = _solver_cost(opts.solver)
+    nfe = (init + per_step * num_steps).astype(jnp.int32)
+    x = eqx.error_if(
+        x,
+        sol.result == diffrax.RESULTS.max_steps_reached,
+        f"the reverse SDE solve reached max_steps={opts.max_steps} before finishing; raise "
+        "max_steps or loosen rtol/atol",
+    )
+    x = eqx.error_if(
+        x,
+        (sol.result != diffrax.RESULTS.successful)
+        & (sol.result != diffrax.RESULTS.max_steps_reached),
+        "the reverse SDE solve failed (step size underflow or non-finite values); check that "
+        "the model returns finite scores and that eps is not too small for this model",
+    )
+    return x, nfe, num_steps
+
+
+@eqx.filter_jit
+def _sample_sde(model, sde, keys, shape, dtype, eps, opts):
+    def one(key):
+        k_prior, k_path = jax.random.split(key)
+        x_T = sde.prior_sample(k_prior, shape, dtype)
+        return solve_reverse_sde(model, sde, x_T, k_path, eps, opts)
+
+    return jax.vmap(one)(keys)
+
+
+def sample_sde(
+    model: Callable,
+    sde: AbstractSDE,
+    num_samples: int,
+    shape: tuple[int, ...],
+    *,
+    key: PRNGKeyArray,
+    solver: diffrax.AbstractSolver = diffrax.Euler(),
+    steps: int | None = 1000,
+    eps: float = 1e-3,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    max_steps: int = 16384,
+    dtype=None,
+) -> SampleResult:
+    """`num_samples` samples by solving the reverse-time SDE (eq. 6) from the prior at T to eps.
+
+    `solver` is any supported diffrax SDE solver (default `diffrax.Euler()`, i.e.
+    Euler--Maruyama; also EulerHeun, Heun, Midpoint, Ralston, ReversibleHeun, the Milstein
+    methods and the stochastic Runge--Kutta methods SEA, SRA1, ShARK, GeneralShARK, SPaRK,
+    SlowRK). `steps=N` takes N uniform steps; `steps=None` adapts the step size with a PID
+    controller at `rtol`/`atol` (Heun, ReversibleHeun, SRA1, ShARK or SPaRK). `r.nfe` counts the
+    score evaluations of every stage of every attempted step.
+    """
+    sde = check_sde(sde)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    shape = check_shape(shape)
+    eps = check_eps(eps, sde)
+    opts = make_sde_options(solver, steps, rtol, atol, max_steps)
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    check_model(model, shape, dtype)
+    keys = jax.random.split(key, num_samples)
+    x, nfe, num_steps = _sample_sde(model, sde, keys, shape, dtype, eps, opts)
+    return SampleResult(x=x, nfe=nfe, num_steps=num_steps)
+

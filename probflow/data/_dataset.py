@@ -1,0 +1,84 @@
+"""The dataset record that every source returns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dataset:
+    """Quantised images with their labels.
+
+    `images` are integers in `[0, num_bins)`, shape `[N, H, W, C]` (channels last); the model
+    sees them as `x = lo + (hi - lo) * (images + u) / num_bins`, `(lo, hi) = data_range`, with
+    `u ~ U[0, 1)` (uniform dequantization).
+    """
+
+    name: str
+    split: str
+    images: Array
+    labels: Array
+    num_bins: int
+    data_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        images = jnp.asarray(self.images)
+        labels = jnp.asarray(self.labels)
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape [N, H, W, C], got shape {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.integer):
+            raise ValueError(f"images must be integers in [0, num_bins), got dtype {images.dtype}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"labels must have shape [N] = {images.shape[:1]}, got shape {labels.shape}"
+            )
+        if int(self.num_bins) < 2:
+            raise ValueError(f"num_bins must be an integer >= 2, got {self.num_bins!r}")
+        lo, hi = (float(v) for v in self.data_range)
+        if not hi > lo:
+            raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {self.data_range!r}")
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "num_bins", int(self.num_bins))
+        object.__setattr__(self, "data_range", (lo, hi))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one example, `(H, W, C)`."""
+        return tuple(self.images.shape[1:])
+
+    def take(self, indices, *, split: str | None = None) -> Dataset:
+        """The examples at `indices` (an int array or a slice)."""
+        idx = np.asarray(indices) if not isinstance(indices, slice) else indices
+        return dataclasses.replace(
+            self,
+            split=self.split if split is None else split,
+            images=self.images[idx],
+            labels=self.labels[idx],
+        )
+
+    def hold_out(self, num: int, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Split off `num` examples, chosen by a fixed permutation with `seed`, for validation.
+
+        Returns `(rest, held_out)`; the same `(num, seed)` always gives the same split.
+        """
+        n = len(self)
+        if not (isinstance(num, int) and 0 < num < n):
+            raise ValueError(f"num must be an int in (0, {n}), got {num!r}")
+        perm = np.random.default_rng(seed).permutation(n)
+        rest = self.take(np.sort(perm[num:]), split=f"{self.split}-rest")
+        held = self.take(np.sort(perm[:num]), split=f"{self.split}-heldout")
+        return rest, held
+
+    def to_model_space(self, u=None) -> Array:
+        """Images mapped to model space; `u` the dequantization noise (0.5 when None)."""
+        lo, hi = self.data_range
+        y = self.images.astype(jnp.result_type(float)) + (0.5 if u is None else u)
+        return lo + (hi - lo) * y / self.num_bins

@@ -1,0 +1,48 @@
+"""scikit-learn's bundled 8x8 handwritten digits (UCI optdigits test set, 1,797 images)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ._dataset import Dataset
+
+#: The digits split: `numpy.random.default_rng(DIGITS_SEED).permutation(1797)`; its first 1,497
+#: entries index the training images, its last 300 the test images.
+DIGITS_SEED = 0
+DIGITS_NUM_TEST = 300
+DIGITS_NUM_BINS = 17  # pixel values 0..16
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images).round().astype(np.int32)[..., None]  # [1797, 8, 8, 1]
+    labels = np.asarray(bunch.target).astype(np.int32)
+    return images, labels
+
+
+def load_digits(split: str) -> Dataset:
+    """The fixed train (1,497) / test (300) split of the 8x8 digits, 17 levels, range (0, 1)."""
+    images, labels = _digits_arrays()
+    perm = np.random.default_rng(DIGITS_SEED).permutation(images.shape[0])
+    n_train = images.shape[0] - DIGITS_NUM_TEST
+    if split == "train":
+        idx = perm[:n_train]
+    elif split == "test":
+        idx = perm[n_train:]
+    elif split == "all":
+        idx = np.arange(images.shape[0])
+    else:
+        raise ValueError(f"split for 'digits' must be 'train', 'test' or 'all', got {split!r}")
+    return Dataset(
+        name="digits",
+        split=split,
+        images=images[idx],
+        labels=labels[idx],
+        num_bins=DIGITS_NUM_BINS,
+        data_range=(0.0, 1.0),
+    )
