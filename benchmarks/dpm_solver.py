@@ -89,17 +89,30 @@ def fewest_steps(run, lo=2, hi=400):
 
 def decode_benchmark(dec, quick, label):
     rows, curves = [], {}
-    fixed = [("DPMSolver(1) log_snr", pf.DPMSolver(1, "log_snr"), 1)] + [
-        (f"DPMSolver({k}) {sch}", pf.DPMSolver(k, sch), k)
-        for k in (2, 3)
-        for sch in ("log_snr", "time", "quadratic")
-    ] + [
-        (f"DPMSolverMultistep({k}) {sch}", pf.DPMSolverMultistep(k, sch), 1)
-        for k in (2, 3)
-        for sch in ("log_snr", "time", "quadratic")
-    ]
+    fixed = (
+        [("DPMSolver(1) log_snr", pf.DPMSolver(1, "log_snr"), 1)]
+        + [
+            (f"DPMSolver({k}) {sch}", pf.DPMSolver(k, sch), k)
+            for k in (2, 3)
+            for sch in ("log_snr", "time", "quadratic")
+        ]
+        + [
+            (f"DPMSolverMultistep({k}) {sch}", pf.DPMSolverMultistep(k, sch), 1)
+            for k in (2, 3)
+            for sch in ("log_snr", "time", "quadratic")
+        ]
+    )
     if quick:
-        fixed = [f for f in fixed if f[0] in ("DPMSolver(2) log_snr", "DPMSolverMultistep(3) quadratic", "DPMSolverMultistep(2) quadratic")]
+        fixed = [
+            f
+            for f in fixed
+            if f[0]
+            in (
+                "DPMSolver(2) log_snr",
+                "DPMSolverMultistep(3) quadratic",
+                "DPMSolverMultistep(2) quadratic",
+            )
+        ]
     for name, solver, per in fixed:
         t = time.time()
         run = lambda n, s=solver: dec(solver=s, steps=n)
@@ -107,7 +120,9 @@ def decode_benchmark(dec, quick, label):
         n = fewest_steps(run, lo=max(2, 6 // per), hi=hi)
         nfe = None if n is None else run(n)[0]
         curves[name] = {
-            nfe_: err_ for (key, (nfe_, err_)) in dec.cache.items() if repr(solver) in dict(key).values()
+            nfe_: err_
+            for (key, (nfe_, err_)) in dec.cache.items()
+            if repr(solver) in dict(key).values()
         }
         rows.append((name, nfe, None if n is None else run(n)[1]))
         print(f"  [{label}] {name:34s} fewest NFE {nfe}  ({time.time() - t:.0f}s)", flush=True)
@@ -133,10 +148,19 @@ def decode_benchmark(dec, quick, label):
             if err < TARGET / 30:  # tighter tolerances only cost more
                 break
         curves[name] = curve
-        rows.append((name, None if best is None else best[0], None if best is None else best[1],
-                     None if best is None else best[2]))
-        print(f"  [{label}] {name:34s} fewest NFE {None if best is None else round(best[0], 1)}"
-              f"  ({time.time() - t:.0f}s)", flush=True)
+        rows.append(
+            (
+                name,
+                None if best is None else best[0],
+                None if best is None else best[1],
+                None if best is None else best[2],
+            )
+        )
+        print(
+            f"  [{label}] {name:34s} fewest NFE {None if best is None else round(best[0], 1)}"
+            f"  ({time.time() - t:.0f}s)",
+            flush=True,
+        )
     return rows, curves
 
 
@@ -156,24 +180,36 @@ def likelihood_benchmark(model, sde, x, ref_logp, quick):
     for tol in (1e-4, 1e-3, 1e-2):
         configs.append((f"Tsit5 rtol=atol={tol:g}", dict(rtol=tol, atol=tol)))
     for tol in (1e-5, 1e-4, 1e-3, 1e-2):
-        configs.append((f"Tsit5 log-SNR time rtol=atol={tol:g}", dict(rtol=tol, atol=tol, time="log_snr")))
+        configs.append(
+            (f"Tsit5 log-SNR time rtol=atol={tol:g}", dict(rtol=tol, atol=tol, time="log_snr"))
+        )
     for tol in (1e-4, 1e-3, 1e-2):
-        configs.append((f"DPM-Solver-23 log-SNR time rtol=atol={tol:g}",
-                        dict(solver=pf.DPMSolver(3), rtol=tol, atol=tol, time="log_snr")))
+        configs.append(
+            (
+                f"DPM-Solver-23 log-SNR time rtol=atol={tol:g}",
+                dict(solver=pf.DPMSolver(3), rtol=tol, atol=tol, time="log_snr"),
+            )
+        )
     for n in (5, 10, 20):
         configs.append((f"DPMSolver(3) log_snr steps={n}", dict(solver=pf.DPMSolver(3), steps=n)))
         configs.append((f"DPMSolver(2) log_snr steps={n}", dict(solver=pf.DPMSolver(2), steps=n)))
     for n in (10, 20, 40):
         for sch in ("log_snr", "quadratic"):
-            configs.append((f"DPMSolverMultistep(3) {sch} steps={n}",
-                            dict(solver=pf.DPMSolverMultistep(3, sch), steps=n)))
+            configs.append(
+                (
+                    f"DPMSolverMultistep(3) {sch} steps={n}",
+                    dict(solver=pf.DPMSolverMultistep(3, sch), steps=n),
+                )
+            )
     if quick:
         configs = configs[:3] + configs[-4:]
     for name, opts in configs:
         nfe, mean_err, max_err = run(**opts)
         rows.append((name, nfe, mean_err, max_err))
-        print(f"  [likelihood] {name:44s} NFE {nfe:7.1f}  |d bpd| mean {mean_err:.2e} max {max_err:.2e}",
-              flush=True)
+        print(
+            f"  [likelihood] {name:44s} NFE {nfe:7.1f}  |d bpd| mean {mean_err:.2e} max {max_err:.2e}",
+            flush=True,
+        )
     return rows
 
 
@@ -187,9 +223,13 @@ def fmt(v, spec):
 def decode_table(rows, title):
     tsit = next(r for r in rows if r[0] == "Tsit5")
     base = tsit[1]
-    out = [f"**{title}**: fewest NFE (mean per example) reaching a relative decode error of "
-           f"{TARGET:g}; ratio = Tsit5's fewest / this solver's.", "",
-           "| solver | fewest NFE | error there | ratio vs Tsit5 |", "|---|---:|---:|---:|"]
+    out = [
+        f"**{title}**: fewest NFE (mean per example) reaching a relative decode error of "
+        f"{TARGET:g}; ratio = Tsit5's fewest / this solver's.",
+        "",
+        "| solver | fewest NFE | error there | ratio vs Tsit5 |",
+        "|---|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (r[1] is None, r[1] if r[1] is not None else 0)):
         ratio = None if (r[1] is None or base is None) else base / r[1]
         name = r[0] + (f" (tol {r[3]:.0e})" if len(r) > 3 and r[3] is not None else "")
@@ -198,7 +238,10 @@ def decode_table(rows, title):
 
 
 def likelihood_table(rows):
-    out = ["| solver | NFE (mean) | mean abs bpd error | max abs bpd error |", "|---|---:|---:|---:|"]
+    out = [
+        "| solver | NFE (mean) | mean abs bpd error | max abs bpd error |",
+        "|---|---:|---:|---:|",
+    ]
     for name, nfe, me, mx in rows:
         out.append(f"| {name} | {nfe:.1f} | {me:.1e} | {mx:.1e} |")
     return "\n".join(out)
@@ -218,7 +261,7 @@ def write_docs(text):
     if SECTION in old:
         start = old.index(SECTION)
         nxt = old.find("\n## ", start + len(SECTION))
-        old = old[:start].rstrip("\n") + ("\n\n" + old[nxt + 1:] if nxt != -1 else "")
+        old = old[:start].rstrip("\n") + ("\n\n" + old[nxt + 1 :] if nxt != -1 else "")
     new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -242,10 +285,19 @@ def main(argv=None):
     z64 = jax.random.normal(jax.random.key(0), (64, DIM), jnp.float64)
     x64 = gm64.sample(jax.random.key(1), 32)
     model64 = gm64.score_model(sde)
-    ref = np.asarray(pf.decode(model64, sde, z64, eps=EPS, solver=diffrax.Dopri8(),
-                               rtol=1e-12, atol=1e-12).x)
-    ref_ll = pf.log_likelihood(model64, sde, x64, trace="exact", eps=EPS_LL, solver=diffrax.Dopri8(),
-                               rtol=1e-10, atol=1e-10)
+    ref = np.asarray(
+        pf.decode(model64, sde, z64, eps=EPS, solver=diffrax.Dopri8(), rtol=1e-12, atol=1e-12).x
+    )
+    ref_ll = pf.log_likelihood(
+        model64,
+        sde,
+        x64,
+        trace="exact",
+        eps=EPS_LL,
+        solver=diffrax.Dopri8(),
+        rtol=1e-10,
+        atol=1e-10,
+    )
     ref_logp = np.asarray(ref_ll.logp)
     z, x = np.asarray(z64, np.float32), np.asarray(x64, np.float32)
     jax.config.update("jax_enable_x64", False)
@@ -261,17 +313,23 @@ def main(argv=None):
     try:
         digits_model, digits_sde = pf.load_pretrained("digits-vp")
     except Exception as exc:  # not shipped yet
-        print(f"TODO(digits): pf.load_pretrained('digits-vp') unavailable ({type(exc).__name__}: "
-              f"{exc}); rerun this benchmark once the shipped model exists", flush=True)
+        print(
+            f"TODO(digits): pf.load_pretrained('digits-vp') unavailable ({type(exc).__name__}: "
+            f"{exc}); rerun this benchmark once the shipped model exists",
+            flush=True,
+        )
     else:
         zd = jax.vmap(lambda k: digits_sde.prior_sample(k, (8, 8, 1)))(
-            jax.random.split(jax.random.key(2), 16))
+            jax.random.split(jax.random.key(2), 16)
+        )
         refd = np.asarray(pf.decode(digits_model, digits_sde, zd, eps=EPS, rtol=1e-7, atol=1e-7).x)
         dd = Decoder(digits_model, digits_sde, zd, refd)
         digits = decode_benchmark(dd, True, "digits")
 
-    info = (f"jax {jax.__version__}, diffrax {diffrax.__version__}, {jax.devices()[0].platform}, "
-            f"{time.time() - t_start:.0f}s total")
+    info = (
+        f"jax {jax.__version__}, diffrax {diffrax.__version__}, {jax.devices()[0].platform}, "
+        f"{time.time() - t_start:.0f}s total"
+    )
     tsit = next(r for r in rows if r[0] == "Tsit5")[1]
     finite = [r for r in rows if r[1] is not None and r[0] != "Tsit5"]
     best = min(finite, key=lambda r: r[1])
@@ -279,33 +337,54 @@ def main(argv=None):
     ok_ll = [r for r in ll_rows if r[2] <= BPD_TARGET]
     best_ll = min(ok_ll, key=lambda r: r[1]) if ok_ll else None
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         "Generated by `python benchmarks/dpm_solver.py` (issue 8); see docs/dpm_solver.md. "
-        f"{info}.", "",
+        f"{info}.",
+        "",
         f"16-d, {K}-component Gaussian mixture, VP SDE, eps = {EPS:g}, 64 latents decoded in float32 "
         "against a float64 Dopri8 decode of the same latents at rtol = atol = 1e-12. Relative "
-        "decode error = ||X - X_ref||_F / ||X_ref||_F.", "",
+        "decode error = ||X - X_ref||_F / ||X_ref||_F.",
+        "",
         f"Best: **{best[0]}** at {best[1]:.0f} NFE vs Tsit5's {tsit:.0f} — "
-        f"**{tsit / best[1]:.2f}x fewer** evaluations (target: >= 2x, aim 3x).", "",
-        decode_table(rows, "Mixture decode"), "",
+        f"**{tsit / best[1]:.2f}x fewer** evaluations (target: >= 2x, aim 3x).",
+        "",
+        decode_table(rows, "Mixture decode"),
+        "",
         "Error against NFE (every point the search evaluated; adaptive solvers over the tolerance "
-        "sweep):", "",
-        curve_table(curves), "",
+        "sweep):",
+        "",
+        curve_table(curves),
+        "",
         f"**Likelihood** (32 mixture draws, eps = {EPS_LL:g}, exact trace, float32) against a "
-        "float64 Dopri8 solve at 1e-10; error in bits/dim.", "",
-        likelihood_table(ll_rows), "",
-        f"Tsit5 at rtol = atol = 1e-5: {paper[1]:.0f} NFE, mean error {paper[2]:.1e} bpd. " + (
+        "float64 Dopri8 solve at 1e-10; error in bits/dim.",
+        "",
+        likelihood_table(ll_rows),
+        "",
+        f"Tsit5 at rtol = atol = 1e-5: {paper[1]:.0f} NFE, mean error {paper[2]:.1e} bpd. "
+        + (
             f"Fewest NFE within {BPD_TARGET} bpd (mean): {best_ll[0]} at {best_ll[1]:.0f} NFE "
-            f"({paper[1] / best_ll[1]:.1f}x fewer)." if best_ll else "No solver within target."),
+            f"({paper[1] / best_ll[1]:.1f}x fewer)."
+            if best_ll
+            else "No solver within target."
+        ),
         "",
     ]
     if digits is None:
-        lines += ["TODO(digits): the shipped `digits-vp` model was not available when this ran; "
-                  "rerun `python benchmarks/dpm_solver.py` once `pf.load_pretrained('digits-vp')` "
-                  "works to add its table (tight-tolerance Tsit5 reference).", ""]
+        lines += [
+            "TODO(digits): the shipped `digits-vp` model was not available when this ran; "
+            "rerun `python benchmarks/dpm_solver.py` once `pf.load_pretrained('digits-vp')` "
+            "works to add its table (tight-tolerance Tsit5 reference).",
+            "",
+        ]
     else:
-        lines += [decode_table(digits[0], "Digits (digits-vp) decode, 16 latents, reference Tsit5 "
-                               "at rtol = atol = 1e-7"), ""]
+        lines += [
+            decode_table(
+                digits[0],
+                "Digits (digits-vp) decode, 16 latents, reference Tsit5 at rtol = atol = 1e-7",
+            ),
+            "",
+        ]
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_docs and not args.quick:
@@ -313,8 +392,16 @@ def main(argv=None):
         print(f"wrote {os.path.abspath(DOCS)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(decode=rows, curves={k: {str(a): b for a, b in v.items()} for k, v in curves.items()},
-                           likelihood=ll_rows, digits=digits and digits[0]), f, indent=1)
+            json.dump(
+                dict(
+                    decode=rows,
+                    curves={k: {str(a): b for a, b in v.items()} for k, v in curves.items()},
+                    likelihood=ll_rows,
+                    digits=digits and digits[0],
+                ),
+                f,
+                indent=1,
+            )
     return 0
 
 

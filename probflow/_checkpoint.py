@@ -22,14 +22,14 @@ import equinox as eqx
 import jax
 
 from ._sde import VESDE, VPSDE, AbstractSDE, SubVPSDE
-from .models import MLP, UNet
+from .models import MLP, DDPMpp, UNet
 from .models._base import AbstractScoreModel
 
 MAGIC = b"PROBFLOW-CKPT-1\n"
 _FORMAT_VERSION = 1
 
 # The classes probflow ships, by the names written in headers (needed only to rebuild them).
-_MODEL_CLASSES: dict[str, type[AbstractScoreModel]] = {"MLP": MLP, "UNet": UNet}
+_MODEL_CLASSES: dict[str, type[AbstractScoreModel]] = {"MLP": MLP, "UNet": UNet, "DDPMpp": DDPMpp}
 _SDE_CLASSES: dict[str, type[AbstractSDE]] = {
     "VPSDE": VPSDE,
     "SubVPSDE": SubVPSDE,
@@ -84,6 +84,9 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shipped files unreadable
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -224,7 +227,9 @@ def _rebuild(header: dict, path) -> tuple[AbstractScoreModel, AbstractSDE]:
                 hp[k] = tuple(hp[k])
         skeleton = model_cls(**hp, sde=sde, key=jax.random.key(0))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint header names an unknown model or SDE ({e}): {path}")
+        raise CheckpointError(
+            f"checkpoint header names an unknown model or SDE ({e}): {path}"
+        ) from None
     return skeleton, sde
 
 
@@ -238,7 +243,9 @@ def load_checkpoint(path: str | os.PathLike):
     try:
         model = eqx.tree_deserialise_leaves(io.BytesIO(model_bytes), skeleton)
     except Exception as e:  # a header/payload mismatch
-        raise CheckpointError(f"checkpoint payload does not match its header ({e}): {path}")
+        raise CheckpointError(
+            f"checkpoint payload does not match its header ({e}): {path}"
+        ) from None
     config = dict(header.get("config") or {})
     data = header.get("data") or {}
     config["step"] = header.get("step")
@@ -257,4 +264,6 @@ def load_training_state(path: str | os.PathLike, like):
     try:
         return header, eqx.tree_deserialise_leaves(io.BytesIO(state_bytes), like)
     except Exception as e:
-        raise CheckpointError(f"checkpoint training state does not match ({e}): {path}")
+        raise CheckpointError(
+            f"checkpoint training state does not match ({e}): {path}"
+        ) from None

@@ -99,11 +99,11 @@ def resolve_checkpoint(spec: str) -> Path:
     return path
 
 
-def load_data(name: str, split: str):
+def load_data(name: str, split: str, data_dir=None):
     import probflow.data
 
     try:
-        return probflow.data.load(name, split)
+        return probflow.data.load(name, split, data_dir=data_dir)
     except ValueError as e:
         raise CLIError(f"--data: {e}") from None
 
@@ -118,9 +118,11 @@ def _add_train(sub) -> None:
         description="Train a score model (DSM, eq. 7) with Adam, warm-up, clipping and an EMA; "
         "checkpoints are written atomically to OUT/checkpoint.eqx.",
     )
-    p.add_argument("--data", required=True, help="a dataset name that probflow.data.load knows")
-    p.add_argument("--sde", choices=["vp", "subvp", "ve"], required=True)
-    p.add_argument("--steps", type=_positive_int, required=True, help="total optimiser steps")
+    p.add_argument("--data", help="a dataset name that probflow.data.load knows (required "
+                   "unless --config gives it)")
+    p.add_argument("--sde", choices=["vp", "subvp", "ve"], help="required unless --config")
+    p.add_argument("--steps", type=_positive_int, help="total optimiser steps (required unless "
+                   "--config)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--checkpoint-every", type=_positive_int, default=1000)
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
@@ -149,6 +151,16 @@ def _add_train(sub) -> None:
     p.add_argument("--steps-per-call", type=_positive_int, default=None,
                    help="steps per jitted call (default: 1 for unet, 50 for mlp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--config", default=None, metavar="NAME",
+                   help="a paper configuration: ddpmpp-cifar10, ddpmpp-deep-cifar10, "
+                   "subvp-ddpmpp-cifar10, ncsnpp-cifar10, ncsnpp-deep-cifar10 (network, SDE, "
+                   "data, hyperparameters; docs/scaling.md); options given explicitly override it")
+    p.add_argument("--devices", type=_positive_int, default=None,
+                   help="train data-parallel on N devices (default: one device)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of prepared tensorflow-datasets data (tfds:NAME)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host runs)")
 
 
 def _run_train(args) -> int:
@@ -157,7 +169,25 @@ def _run_train(args) -> int:
     from ._train import TrainConfig, train
     from .models import MLP, UNet
 
-    ds = load_data(args.data, "train")
+    if args.distributed:
+        jax.distributed.initialize()
+    if args.devices is not None:
+        from ._distributed import select_devices
+
+        try:
+            select_devices(args.devices)
+        except ValueError as e:
+            raise CLIError(f"--devices: {e}") from None
+    if args.config is not None:
+        from ._paper import run_config
+
+        return run_config(args)
+    for option, value in (("--data", args.data), ("--sde", args.sde), ("--steps", args.steps)):
+        if value is None:
+            raise CLIError(f"{option} is required (unless --config NAME gives it)")
+    if args.resume and not (Path(args.out) / "checkpoint.eqx").exists():
+        raise CLIError(f"--resume: no checkpoint in {args.out} to resume from")
+    ds = load_data(args.data, "train", data_dir=args.data_dir)
     if args.validation:
         ds, _ = ds.hold_out(args.validation, seed=0)
     sde = _make_sde(args.sde)
@@ -166,7 +196,9 @@ def _run_train(args) -> int:
         try:
             channels = tuple(int(c) for c in args.channels.split(","))
         except ValueError:
-            raise CLIError(f"--channels: expected integers like 32,64, got {args.channels!r}")
+            raise CLIError(
+                f"--channels: expected integers like 32,64, got {args.channels!r}"
+            ) from None
         model = UNet(
             ds.shape, sde=sde, channels=channels, num_res_blocks=args.num_res_blocks, key=key
         )
@@ -189,7 +221,7 @@ def _run_train(args) -> int:
     t0 = time.perf_counter()
     result = train(
         model, sde, ds, config, out=args.out, resume=args.resume,
-        progress=not args.no_progress, data_name=args.data,
+        progress=not args.no_progress, data_name=args.data, devices=args.devices,
     )
     elapsed = time.perf_counter() - t0
     tail = result.losses[-100:]
@@ -217,6 +249,8 @@ def _add_bpd(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint path or a shipped name")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of prepared tensorflow-datasets data (tfds:NAME)")
     p.add_argument("--limit", type=_positive_int, default=None, help="use the first N images")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--repeats", type=_positive_int, default=1, help="dequantization draws")
@@ -237,7 +271,7 @@ def _run_bpd(args) -> int:
 
     path = resolve_checkpoint(args.checkpoint)
     model, sde, config = load_checkpoint(path)
-    ds = load_data(args.data, args.split)
+    ds = load_data(args.data, args.split, data_dir=args.data_dir)
     if tuple(ds.shape) != tuple(model.shape):
         raise CLIError(
             f"--data {args.data}: examples have shape {tuple(ds.shape)} but the checkpoint's "

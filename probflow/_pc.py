@@ -406,6 +406,7 @@ def solve_pc(
 
 @eqx.filter_jit
 def _sample_pc(model, sde, keys, shape, dtype, eps, steps, predictor, corrector, denoise):
+    check_model(model, shape, dtype)  # once per trace
     terms = diffrax.ODETerm(ScoreVectorField(model))
     solver = PredictorCorrector(sde, predictor, corrector)
 
@@ -465,7 +466,6 @@ def sample_pc(
     if not isinstance(denoise, bool):
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
     dtype = jnp.result_type(float) if dtype is None else dtype
-    check_model(model, shape, dtype)
     keys = jax.random.split(key, num_samples)
     x, nfe, num_steps = _sample_pc(
         model, sde, keys, shape, dtype, eps, steps, predictor, corrector, denoise

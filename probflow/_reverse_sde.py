@@ -205,6 +205,7 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
 
 @eqx.filter_jit
 def _sample_sde(model, sde, keys, shape, dtype, eps, opts):
+    check_model(model, shape, dtype)  # once per trace
     def one(key):
         k_prior, k_path = jax.random.split(key)
         x_T = sde.prior_sample(k_prior, shape, dtype)
@@ -243,7 +244,6 @@ def sample_sde(
     eps = check_eps(eps, sde)
     opts = make_sde_options(solver, steps, rtol, atol, max_steps)
     dtype = jnp.result_type(float) if dtype is None else dtype
-    check_model(model, shape, dtype)
     keys = jax.random.split(key, num_samples)
     x, nfe, num_steps = _sample_sde(model, sde, keys, shape, dtype, eps, opts)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

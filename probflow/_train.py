@@ -139,8 +139,14 @@ def _ema_decay(config: TrainConfig, step):
     return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def _make_chunk(static, config: TrainConfig, sde, arr, to_model, base_key, optimizer):
-    """A jitted function running optimiser steps [start, start + n) with lax.scan."""
+def _make_chunk(
+    static, config: TrainConfig, sde, arr, to_model, base_key, optimizer, batch_sharding=None
+):
+    """A jitted function running optimiser steps [start, start + n) with lax.scan.
+
+    `batch_sharding` (data-parallel training, see `_distributed`): each step's batch is
+    constrained to it, so every device computes the loss on its slice of the global batch.
+    """
 
     def loss_fn(params, x, key):
         model = eqx.combine(params, static)
@@ -159,7 +165,10 @@ def _make_chunk(static, config: TrainConfig, sde, arr, to_model, base_key, optim
         key = jax.random.fold_in(base_key, step)  # per-step keys make resuming exact
         k_idx, k_deq, k_loss = jax.random.split(key, 3)
         idx = jax.random.randint(k_idx, (config.batch_size,), 0, arr.shape[0])
-        x = to_model(arr[idx], k_deq, config.dequantize)
+        batch = arr[idx]
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        x = to_model(batch, k_deq, config.dequantize)
         loss, grads = jax.value_and_grad(loss_fn)(params, x, k_loss)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -208,6 +217,7 @@ def train(
     progress: bool = True,
     evaluate: Callable[[int, AbstractScoreModel], dict] | None = None,
     data_name: str | None = None,
+    devices=None,
 ) -> TrainResult:
     """Train `model` on `data` by DSM (eq. 7) with Adam, warm-up, clipping and an EMA.
 
@@ -218,6 +228,12 @@ def train(
     the run in `out` from its checkpoint up to `config.steps` in total, giving the same result as
     an uninterrupted run. `evaluate(step, ema_model) -> dict` is called at each checkpoint and
     its result logged. Raises `TrainingDivergedError` if the loss becomes NaN.
+
+    `devices`: None trains on JAX's default device; an int N (or a list of devices) trains
+    data-parallel on N devices (`probflow._distributed`): parameters replicated, each global
+    batch of `config.batch_size` sharded over the devices, the same result as one device up to
+    float round-off. In a multi-host run (after `jax.distributed.initialize()`), pass
+    `jax.device_count()`; process 0 writes `out`.
     """
     if not isinstance(model, AbstractScoreModel):
         raise ValueError(
@@ -230,6 +246,13 @@ def train(
     if type(model.sde) is not type(sde) or model.sde != sde:
         raise ValueError(f"sde {sde} differs from the model's own SDE {model.sde}")
     arr, to_model = _prepare_data(data, model.shape)
+    mesh = None
+    if devices is not None:
+        from ._distributed import check_batch_size, make_mesh
+
+        mesh = make_mesh(devices)
+        check_batch_size(config.batch_size, mesh)
+    writer = jax.process_index() == 0  # in a multi-host run only process 0 writes `out`
     num_bins = data.num_bins if isinstance(data, Dataset) else None
     data_range = data.data_range if isinstance(data, Dataset) else None
     if data_name is None and isinstance(data, Dataset):
@@ -254,7 +277,7 @@ def train(
                     f"cannot resume {out_dir}: its run used a different {', '.join(diff)} "
                     f"(see {out_dir / CONFIG_NAME})"
                 )
-        else:
+        elif writer:
             if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
                 raise FileExistsError(
                     f"refusing to overwrite the existing run {out_dir}; "
@@ -263,6 +286,8 @@ def train(
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n")
 
+    if not writer:
+        log_path = None
     params, static = eqx.partition(model, eqx.is_inexact_array)
     optimizer = _optimizer(config)
     opt_state = optimizer.init(params)
@@ -278,10 +303,17 @@ def train(
                 f"steps must be >= the checkpoint's step {step} to resume, got {config.steps}"
             )
     base_key = jax.random.key(config.seed)
-    run = _make_chunk(static, config, sde, arr, to_model, base_key, optimizer)
+    batch_sharding = None
+    if mesh is not None:
+        from ._distributed import batch_sharded, put_global, replicated
+
+        params, opt_state, ema = put_global((params, opt_state, ema), replicated(mesh))
+        arr = put_global(arr, replicated(mesh))
+        batch_sharding = batch_sharded(mesh)
+    run = _make_chunk(static, config, sde, arr, to_model, base_key, optimizer, batch_sharding)
 
     def save(at_step):
-        if ckpt_path is None:
+        if ckpt_path is None or not writer:
             return
         save_checkpoint(
             ckpt_path,
@@ -296,7 +328,7 @@ def train(
         )
 
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)

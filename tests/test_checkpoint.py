@@ -39,7 +39,9 @@ def test_roundtrip(saved):
     p2 = path.with_name("mlp.eqx")
     pf.save_checkpoint(p2, mlp, pf.VESDE(), None)
     m3, _, _ = pf.load_checkpoint(p2)
-    np.testing.assert_array_equal(np.asarray(m3(0.3, jnp.ones(2))), np.asarray(mlp(0.3, jnp.ones(2))))
+    np.testing.assert_array_equal(
+        np.asarray(m3(0.3, jnp.ones(2))), np.asarray(mlp(0.3, jnp.ones(2)))
+    )
 
 
 def test_missing_truncated_foreign_corrupted(saved, tmp_path):

@@ -58,5 +58,5 @@ def test_dataset_validates():
         pf.data.Dataset(name="x", split="t", images=np.zeros((2, 2, 2, 1)),
                         labels=np.zeros(2), num_bins=4)
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
-        pf.data.Dataset(name="x", split="t", images=np.zeros((2, 2), int),
+        pf.data.Dataset(name="x", split="t", images=np.zeros((2, 2, 2), int),
                         labels=np.zeros(2), num_bins=4)

@@ -41,9 +41,9 @@ def mixture_reference():
 
 
 ORDERS = [
-    (pf.DPMSolver(order=1), (20, 40), 1.0),
-    (pf.DPMSolver(order=2), (20, 40), 2.0),
-    (pf.DPMSolver(order=3), (20, 40), 3.0),
+    (pf.DPMSolver(order=1, schedule="log_snr"), (20, 40), 1.0),
+    (pf.DPMSolver(order=2, schedule="log_snr"), (20, 40), 2.0),
+    (pf.DPMSolver(order=3, schedule="log_snr"), (20, 40), 3.0),
     (pf.DPMSolverMultistep(order=2, schedule="log_snr"), (20, 40), 2.0),
     (pf.DPMSolverMultistep(order=3, schedule="log_snr"), (20, 40), 3.0),
 ]
@@ -55,12 +55,15 @@ ORDERS = [
 )
 def test_order_of_convergence_on_mixture(mixture_reference, solver, ns, order):
     model, sde, z, ref = mixture_reference
-    errs = [float(jnp.abs(pf.decode(model, sde, z, solver=solver, steps=n).x - ref).max()) for n in ns]
+    errs = [
+        float(jnp.abs(pf.decode(model, sde, z, solver=solver, steps=n).x - ref).max()) for n in ns
+    ]
     assert abs(_slope(errs, ns) - order) < 0.45, errs
 
 
 def _gaussian_flow(sde, c, t_from, t_to):
     """Data N(0, c^2 I): x(t) / sqrt(v(t)) is constant along the ODE, v = scale^2 c^2 + std^2."""
+
     def v(t):
         scale, std = sde.marginal(t)
         return scale**2 * c**2 + std**2
@@ -77,7 +80,12 @@ def test_closed_form_single_gaussian(sde):
     z = sde.prior_std() * jax.random.normal(jax.random.key(1), (3, 3), jnp.float64)
     x_true = z * _gaussian_flow(sde, c, sde.T, eps)
     errs = [
-        float(jnp.abs(pf.decode(model, sde, z, eps=eps, solver=pf.DPMSolver(3), steps=n).x - x_true).max())
+        float(
+            jnp.abs(
+                pf.decode(model, sde, z, eps=eps, solver=pf.DPMSolver(3, "log_snr"), steps=n).x
+                - x_true
+            ).max()
+        )
         for n in (10, 20)
     ]
     scale = float(jnp.abs(x_true).max())
@@ -179,7 +187,7 @@ def _closed_form_check(gm, sde, x, r):
 
 LIKELIHOOD = [
     (pf.VPSDE(), dict(time="log_snr")),
-    (pf.SubVPSDE(), dict(solver=pf.DPMSolver(3), steps=40)),
+    (pf.SubVPSDE(), dict(solver=pf.DPMSolver(3, "log_snr"), steps=40)),
     (pf.VESDE(), dict(solver=pf.DPMSolverMultistep(3), steps=80)),
 ]
 
@@ -227,6 +235,10 @@ def test_bad_input(mixture2d):
         pf.log_likelihood(model, sde, x, trace="exact", time="snr")
     with pytest.raises(ValueError, match="must be bound to an SDE"):
         diffrax.diffeqsolve(
-            diffrax.ODETerm(pf.ProbabilityFlowODE(model, sde)), pf.DPMSolver(2), 1.0, 0.1, -0.1,
+            diffrax.ODETerm(pf.ProbabilityFlowODE(model, sde)),
+            pf.DPMSolver(2),
+            1.0,
+            0.1,
+            -0.1,
             x[0],
         )

@@ -9,7 +9,6 @@ import probflow as pf
 from probflow.models import MLP, UNet
 from probflow.models._unet import Conv2d, GroupNorm
 
-
 _call = eqx.filter_jit(lambda m, t, x: m(t, x))
 
 

@@ -1,38 +1,53 @@
 """Datasets: `probflow.data.load(name, split)` returns a `Dataset` of quantised images.
 
 Each source is a function `split -> Dataset` in the `_SOURCES` table below (or a prefix such as
-"tfds:" handled in `load`); adding a source means writing one such function.
+"tfds:" handled in `load`); adding a source means writing one such function. `from_arrays` and
+`from_mixture` build a `Dataset` from a user's arrays or from an analytic Gaussian mixture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from ._arrays import from_arrays as from_arrays
+from ._arrays import from_mixture as from_mixture
 from ._dataset import Dataset as Dataset
 from ._digits import DIGITS_NUM_BINS as DIGITS_NUM_BINS
 from ._digits import DIGITS_NUM_TEST as DIGITS_NUM_TEST
 from ._digits import DIGITS_SEED as DIGITS_SEED
 from ._digits import load_digits
+from ._mnist import MNIST5K_NUM_TEST as MNIST5K_NUM_TEST
+from ._mnist import MNIST5K_SEED as MNIST5K_SEED
+from ._mnist import load_mnist5k
+from ._tfds import DatasetNotPreparedError as DatasetNotPreparedError
+from ._toy import TOY_DATA_RANGE as TOY_DATA_RANGE
+from ._toy import TOY_GENERATORS, load_toy
 
 _SOURCES: dict[str, Callable[[str], Dataset]] = {
     "digits": load_digits,
+    "mnist-5k": load_mnist5k,
+    **{f"toy:{kind}": (lambda split, kind=kind: load_toy(kind, split)) for kind in TOY_GENERATORS},
 }
 
 
 def names() -> list[str]:
-    """The dataset names that `load` knows (besides prefixes such as "tfds:NAME")."""
+    """The dataset names that `load` knows (besides the prefix "tfds:NAME")."""
     return sorted(_SOURCES)
 
 
-def load(name: str, split: str = "train") -> Dataset:
-    """Load dataset `name` ("digits", ...) and `split` ("train" or "test")."""
+def load(name: str, split: str = "train", *, data_dir=None) -> Dataset:
+    """Load dataset `name` ("digits", "mnist-5k", "toy:two-moons", "tfds:NAME", ...) and
+    `split` ("train" or "test"; tfds split strings for "tfds:NAME").
+
+    `data_dir`: where prepared tensorflow-datasets data live (default: `TFDS_DATA_DIR` or
+    ~/tensorflow_datasets); only used by "tfds:NAME", which never downloads.
+    """
     if not isinstance(name, str):
         raise ValueError(f"name must be a dataset name (a str), got {name!r}")
     if name.startswith("tfds:"):
-        raise ValueError(
-            f"dataset {name!r}: tensorflow-datasets sources are not available in this version; "
-            f"known names: {', '.join(names())}"
-        )
+        from ._tfds import load_tfds
+
+        return load_tfds(name[len("tfds:") :], split, data_dir=data_dir)
     try:
         source = _SOURCES[name]
     except KeyError:

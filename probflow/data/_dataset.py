@@ -13,7 +13,8 @@ from jaxtyping import Array
 class Dataset:
     """Quantised images with their labels.
 
-    `images` are integers in `[0, num_bins)`, shape `[N, H, W, C]` (channels last); the model
+    `images` are integers in `[0, num_bins)`, shape `[N, H, W, C]` (channels last) for images or
+    `[N, D]` for low-dimensional data (2-d toys, mixtures: one example is a vector); the model
     sees them as `x = lo + (hi - lo) * (images + u) / num_bins`, `(lo, hi) = data_range`, with
     `u ~ U[0, 1)` (uniform dequantization).
     """
@@ -28,8 +29,11 @@ class Dataset:
     def __post_init__(self):
         images = jnp.asarray(self.images)
         labels = jnp.asarray(self.labels)
-        if images.ndim != 4:
-            raise ValueError(f"images must have shape [N, H, W, C], got shape {images.shape}")
+        if images.ndim not in (2, 4):
+            raise ValueError(
+                f"images must have shape [N, H, W, C] (or [N, D] for vectors), got shape "
+                f"{images.shape}"
+            )
         if not jnp.issubdtype(images.dtype, jnp.integer):
             raise ValueError(f"images must be integers in [0, num_bins), got dtype {images.dtype}")
         if labels.shape != images.shape[:1]:
@@ -51,7 +55,7 @@ class Dataset:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shape of one example, `(H, W, C)`."""
+        """The shape of one example, `(H, W, C)` (or `(D,)` for vectors)."""
         return tuple(self.images.shape[1:])
 
     def take(self, indices, *, split: str | None = None) -> Dataset:

@@ -2,5 +2,6 @@
 
 from ._base import AbstractScoreModel as AbstractScoreModel
 from ._base import GaussianFourierFeatures as GaussianFourierFeatures
+from ._ddpmpp import DDPMpp as DDPMpp
 from ._mlp import MLP as MLP
 from ._unet import UNet as UNet

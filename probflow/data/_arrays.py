@@ -1,0 +1,130 @@
+"""Datasets from a user's numpy arrays and from an analytic Gaussian mixture."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._dataset import Dataset
+from ._toy import quantise
+
+
+def _check_bins(num_bins) -> int:
+    if not (isinstance(num_bins, (int, np.integer)) and not isinstance(num_bins, bool)):
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+    if num_bins < 2:
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+    return int(num_bins)
+
+
+def _check_range(data_range) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in data_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"data_range must be a pair (lo, hi), got {data_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ValueError(f"data_range must be (lo, hi) with finite hi > lo, got {data_range!r}")
+    return lo, hi
+
+
+def from_arrays(
+    images,
+    labels=None,
+    *,
+    num_bins: int,
+    data_range: tuple[float, float] = (0.0, 1.0),
+    name: str = "arrays",
+    split: str = "train",
+) -> Dataset:
+    """A `Dataset` from integer arrays: `images` `[N, H, W, C]` (or `[N, D]` for vectors) with
+    values in `[0, num_bins)`, `labels` `[N]` integers (None: all -1, "unlabelled").
+
+    The model sees `lo + (hi - lo) (images + u) / num_bins`, `(lo, hi) = data_range`. Float
+    data must be quantised first (e.g. `round(x * 255)` with `num_bins=256`). Raises ValueError
+    naming the argument for a wrong rank, dtype or range.
+    """
+    num_bins = _check_bins(num_bins)
+    data_range = _check_range(data_range)
+    arr = np.asarray(images)
+    if arr.ndim not in (2, 4):
+        raise ValueError(
+            f"images must have shape [N, H, W, C] (images, channels last) or [N, D] (vectors), "
+            f"got shape {arr.shape} (rank {arr.ndim})"
+        )
+    if arr.shape[0] < 1 or arr.size == 0:
+        raise ValueError(f"images must hold at least one non-empty example, got shape {arr.shape}")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"images must be integers in [0, num_bins) = [0, {num_bins}), got dtype {arr.dtype}; "
+            f"quantise float data first (e.g. np.round(x * 255) with num_bins=256)"
+        )
+    lo_v, hi_v = int(arr.min()), int(arr.max())
+    if lo_v < 0 or hi_v >= num_bins:
+        raise ValueError(
+            f"images must be integers in [0, num_bins) = [0, {num_bins}), got values in "
+            f"[{lo_v}, {hi_v}]"
+        )
+    if labels is None:
+        lab = np.full((arr.shape[0],), -1, np.int32)
+    else:
+        lab = np.asarray(labels)
+        if lab.shape != (arr.shape[0],):
+            raise ValueError(f"labels must have shape [N] = ({arr.shape[0]},), got {lab.shape}")
+        if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    if not isinstance(name, str) or not isinstance(split, str):
+        raise ValueError(f"name and split must be strings, got {name!r}, {split!r}")
+    # Keep 8-bit data compact; anything wider becomes int32 (JAX's default integer).
+    arr = arr.astype(np.uint8) if hi_v < 256 and arr.dtype == np.uint8 else arr.astype(np.int32)
+    return Dataset(
+        name=name,
+        split=split,
+        images=arr,
+        labels=lab.astype(np.int32),
+        num_bins=num_bins,
+        data_range=data_range,
+    )
+
+
+def from_mixture(
+    gm,
+    n: int,
+    *,
+    key,
+    num_bins: int = 256,
+    data_range: tuple[float, float] | None = None,
+    name: str = "mixture",
+    split: str = "train",
+) -> Dataset:
+    """`n` draws of `gm.sample(key, n)` (a `pf.GaussianMixture`), quantised to `num_bins` bins.
+
+    `images` `[n, D]`, `labels` the component each draw came from. `data_range` defaults to the
+    box `[min_k (mu_k - 6 sigma_k), max_k (mu_k + 6 sigma_k)]` over components and coordinates,
+    so that clipping is negligible; draws outside `data_range` are clipped to its edge bins.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from .._mixture import GaussianMixture
+
+    if not isinstance(gm, GaussianMixture):
+        raise ValueError(f"gm must be a probflow GaussianMixture, got {type(gm).__name__}")
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    num_bins = _check_bins(num_bins)
+    if data_range is None:
+        means = np.asarray(gm.means, np.float64)
+        stds = np.sqrt(np.diagonal(np.asarray(gm.covs, np.float64), axis1=1, axis2=2))
+        data_range = (float((means - 6 * stds).min()), float((means + 6 * stds).max()))
+    data_range = _check_range(data_range)
+    x = np.asarray(gm.sample(key, int(n)))
+    # The components that gm.sample drew (its first split key; see GaussianMixture.sample).
+    kc, _ = jax.random.split(key)
+    comp = np.asarray(jax.random.categorical(kc, jnp.log(gm.weights), shape=(int(n),)))
+    return Dataset(
+        name=name,
+        split=split,
+        images=quantise(x, num_bins=num_bins, data_range=data_range),
+        labels=comp.astype(np.int32),
+        num_bins=num_bins,
+        data_range=data_range,
+    )
