@@ -385,5 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as `python -m probflow` (see __main__.py) to share one module
+    from probflow._cli import main as _main
+
+    sys.exit(_main())

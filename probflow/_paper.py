@@ -99,12 +99,14 @@ def paper_config(name: str) -> PaperConfig:
 
 
 def parameter_count(model) -> int:
-    """The number of trainable scalars (inexact array leaves) of a model or its eval_shape."""
+    """The number of network parameters (float array leaves, the SDE's excepted) of a score
+    model or of its `jax.eval_shape`."""
     import numpy as np
 
+    parts = [getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "sde"]
     return sum(
         int(np.prod(x.shape))
-        for x in jax.tree.leaves(model)
+        for x in jax.tree.leaves(parts)
         if hasattr(x, "dtype") and hasattr(x, "shape") and np.issubdtype(x.dtype, np.inexact)
     )
 

@@ -16,10 +16,11 @@ from probflow._cli_tools import make_mask
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """An untrained tiny U-Net on the digits shape: the plumbing, not the quality, is tested."""
+    """An untrained tiny MLP on the digits shape: the plumbing, not the quality, is tested (it
+    compiles in a fraction of a U-Net's time)."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.eqx"
     sde = pf.VPSDE()
-    model = pf.models.UNet((8, 8, 1), sde=sde, channels=(8, 16), key=jax.random.key(0))
+    model = pf.models.MLP((8, 8, 1), sde=sde, width=32, depth=1, key=jax.random.key(0))
     pf.save_checkpoint(path, model, sde, None, num_bins=17, data_range=(0.0, 1.0), data="digits")
     return str(path)
 
@@ -27,7 +28,7 @@ def tiny_checkpoint(tmp_path_factory):
 def _run(*args, cwd=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "probflow._cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "probflow", *args], capture_output=True, text=True,
         cwd=cwd, env=env, timeout=900,
     )
 
@@ -135,3 +136,18 @@ def test_user_mistakes_print_one_line(tiny_checkpoint, tmp_path):
         assert len(lines) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
     assert "rk45" in _run(*cases[0]).stderr
+
+
+def test_colorize(tmp_path):
+    sde = pf.VPSDE()
+    path = tmp_path / "colour.eqx"
+    model = pf.models.MLP((8, 8, 3), sde=sde, width=32, depth=1, key=jax.random.key(1))
+    pf.save_checkpoint(path, model, sde, None, num_bins=17, data_range=(0.0, 1.0),
+                       data="digits-color")
+    png, js = tmp_path / "c.png", tmp_path / "c.json"
+    stdout = _ok(_run("colorize", "--checkpoint", str(path), "--data", "digits-color",
+                      "--limit", "3", "--steps", "3", "--out", str(png), "--json", str(js)))
+    assert "grey err" in stdout
+    res = json.loads(js.read_text())
+    assert res["max_grey_error"] < 1e-5 and res["nfe_mean"] == 3 * 2 + 1
+    assert png.exists()

@@ -61,7 +61,7 @@ def test_two_forced_cpu_devices_train_like_one(tmp_path):
     for steps in ("2", "6"):
         r = res[steps]
         assert r["num_devices"] == 2  # the parameters really live on both devices
-        assert r["max_change"] > 1e-3  # training moved the parameters ...
+        assert r["max_change"] > 1e-4  # training moved the parameters (Adam: ~lr per step) ...
         assert r["max_diff"] < 1e-6  # ... identically up to float32 round-off
         assert r["max_ema_diff"] < 1e-6 and r["loss_diff"] < 1e-5
         assert r["saved_diff"] == 0.0  # the checkpoint holds the EMA that train returned

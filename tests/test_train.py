@@ -103,7 +103,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_kill_9_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "probflow._cli", "train", "--data", "digits", "--sde", "vp",
+    cmd = [sys.executable, "-m", "probflow", "train", "--data", "digits", "--sde", "vp",
            "--model", "mlp", "--width", "16", "--depth", "1", "--steps", "1000000",
            "--checkpoint-every", "3", "--steps-per-call", "1", "--batch-size", "8",
            "--out", str(out), "--no-progress"]

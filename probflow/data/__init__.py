@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ._arrays import from_arrays as from_arrays
 from ._arrays import from_mixture as from_mixture
+from ._color import load_digits_color
 from ._dataset import Dataset as Dataset
 from ._digits import DIGITS_NUM_BINS as DIGITS_NUM_BINS
 from ._digits import DIGITS_NUM_TEST as DIGITS_NUM_TEST
@@ -25,6 +26,7 @@ from ._toy import TOY_GENERATORS, load_toy
 
 _SOURCES: dict[str, Callable[[str], Dataset]] = {
     "digits": load_digits,
+    "digits-color": load_digits_color,
     "mnist-5k": load_mnist5k,
     **{f"toy:{kind}": (lambda split, kind=kind: load_toy(kind, split)) for kind in TOY_GENERATORS},
 }

@@ -25,6 +25,7 @@ of the official architecture (the count is tested against an independent count).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -350,16 +351,16 @@ class DDPMpp(AbstractScoreModel):
             raise ValueError(f"sde must be a probflow SDE, got {type(self.sde).__name__}")
 
     @classmethod
-    def ddpmpp(cls, shape=(32, 32, 3), *, sde, deep: bool = False, key, **kw) -> DDPMpp:
+    def ddpmpp(cls, shape=(32, 32, 3), *, sde, deep: bool = False, key, **kw: Any) -> DDPMpp:
         """DDPM++ cont. (deep): the paper's VP / sub-VP CIFAR-10 network."""
-        kw = dict(fir=False, progressive_input="none", embedding="positional") | kw
+        kw = {"fir": False, "progressive_input": "none", "embedding": "positional", **kw}
         kw.setdefault("num_res_blocks", 8 if deep else 4)
         return cls(shape, sde=sde, key=key, **kw)
 
     @classmethod
-    def ncsnpp(cls, shape=(32, 32, 3), *, sde, deep: bool = False, key, **kw) -> DDPMpp:
+    def ncsnpp(cls, shape=(32, 32, 3), *, sde, deep: bool = False, key, **kw: Any) -> DDPMpp:
         """NCSN++ cont. (deep): the paper's VE CIFAR-10 network."""
-        kw = dict(fir=True, progressive_input="residual", embedding="fourier") | kw
+        kw = {"fir": True, "progressive_input": "residual", "embedding": "fourier", **kw}
         kw.setdefault("num_res_blocks", 8 if deep else 4)
         return cls(shape, sde=sde, key=key, **kw)
 
