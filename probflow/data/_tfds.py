@@ -94,8 +94,8 @@ def load_tfds(name: str, split: str, *, data_dir=None) -> Dataset:
     """Dataset `name` (a tensorflow-datasets name, e.g. "mnist", "cifar10") and `split` (any
     tfds split string: "train", "test", "train[:90%]", ...), read whole into memory.
 
-    `images` keep the feature's integer dtype (uint8 for 8-bit images: `num_bins = 256`,
-    in general 2^bits of the dtype); grey images `[H, W]` get a channel axis; `labels` are the
+    `images` are int32 (`num_bins` = 2^bits of the feature's dtype: 256 for uint8 images);
+    grey images `[H, W]` get a channel axis; `labels` are the
     "label" feature, or -1 when there is none. `data_dir` defaults to tfds's own default
     (`TFDS_DATA_DIR` or ~/tensorflow_datasets).
     """
@@ -106,15 +106,17 @@ def load_tfds(name: str, split: str, *, data_dir=None) -> Dataset:
 def _load_tfds(name: str, split: str, *, data_dir=None) -> Dataset:
     if not name or not isinstance(name, str):
         raise ValueError("dataset 'tfds:NAME' needs a NAME, e.g. 'tfds:mnist'")
-    tfds = _import_tfds()
     if data_dir is not None:
         data_dir = os.fspath(os.path.expanduser(os.fspath(data_dir)))
-        if not os.path.isdir(data_dir):
-            raise DatasetNotPreparedError(
-                f"tfds:{name}: the data directory {data_dir} does not exist; "
-                + _prepare_hint(name, data_dir)
-            )
     where = _data_dir_text(data_dir)
+    if not os.path.isdir(where):
+        # Checked before importing tensorflow-datasets (about a second): the common case of a
+        # machine without any prepared data fails at once.
+        raise DatasetNotPreparedError(
+            f"tfds:{name}: the data directory {where} does not exist, so no tensorflow-datasets "
+            f"data are prepared there; " + _prepare_hint(name, where)
+        )
+    tfds = _import_tfds()
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.registered.DatasetNotFoundError:
@@ -148,9 +150,9 @@ def _load_tfds(name: str, split: str, *, data_dir=None) -> Dataset:
     arr = np.concatenate(images)
     if arr.ndim == 3:
         arr = arr[..., None]
-    if arr.dtype == np.uint8:
-        num_bins = 256
-    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2 and arr.min() >= 0:
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and arr.dtype.itemsize <= 2:
+        # int32, not uint8: num_bins = 256 itself must be representable where images are
+        # compared with it (e.g. bits_per_dim's range check)
         num_bins = 2 ** (8 * arr.dtype.itemsize)
         arr = arr.astype(np.int32)
     else:
