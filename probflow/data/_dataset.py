@@ -86,3 +86,17 @@ class Dataset:
         lo, hi = self.data_range
         y = self.images.astype(jnp.result_type(float)) + (0.5 if u is None else u)
         return lo + (hi - lo) * y / self.num_bins
+
+
+def split_indices(n: int, num_test: int, seed: int, split: str, name: str) -> np.ndarray:
+    """Indices of `split` in a fixed split of `n` examples: `default_rng(seed).permutation(n)`,
+    its first `n - num_test` entries for "train", the rest for "test"; "all" is every example."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = n - num_test
+    if split == "train":
+        return perm[:n_train]
+    if split == "test":
+        return perm[n_train:]
+    if split == "all":
+        return np.arange(n)
+    raise ValueError(f"split for {name!r} must be 'train', 'test' or 'all', got {split!r}")

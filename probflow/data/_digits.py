@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from ._dataset import Dataset
+from ._dataset import Dataset, split_indices
 
 #: The digits split: `numpy.random.default_rng(DIGITS_SEED).permutation(1797)`; its first 1,497
 #: entries index the training images, its last 300 the test images.
@@ -28,16 +28,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def load_digits(split: str) -> Dataset:
     """The fixed train (1,497) / test (300) split of the 8x8 digits, 17 levels, range (0, 1)."""
     images, labels = _digits_arrays()
-    perm = np.random.default_rng(DIGITS_SEED).permutation(images.shape[0])
-    n_train = images.shape[0] - DIGITS_NUM_TEST
-    if split == "train":
-        idx = perm[:n_train]
-    elif split == "test":
-        idx = perm[n_train:]
-    elif split == "all":
-        idx = np.arange(images.shape[0])
-    else:
-        raise ValueError(f"split for 'digits' must be 'train', 'test' or 'all', got {split!r}")
+    idx = split_indices(images.shape[0], DIGITS_NUM_TEST, DIGITS_SEED, split, "digits")
     return Dataset(
         name="digits",
         split=split,

