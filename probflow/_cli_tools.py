@@ -527,8 +527,10 @@ def _add_colorize(sub) -> None:
     p = sub.add_parser("colorize", help="colorize grey images with a colour model",
                        description="Colorize grey images (appendix I): the grey axis of an "
                                    "orthogonal colour basis is kept, the colour axes inpainted.")
-    p.add_argument("--checkpoint", required=True, help="a model trained on colour (3-channel) data")
-    p.add_argument("--data", required=True, help="colour data; their grey versions are colorized")
+    p.add_argument("--checkpoint", default="digits-color-vp",
+                   help="a model trained on colour (3-channel) data")
+    p.add_argument("--data", default="digits-color",
+                   help="colour data; their grey versions are colorized")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=_positive_int, default=16)
     p.add_argument("--steps", type=_positive_int, default=500)

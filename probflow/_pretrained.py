@@ -9,7 +9,7 @@ from ._checkpoint import CheckpointError, load_checkpoint
 _DIR = Path(__file__).parent / "pretrained"
 
 #: The shipped models' names; each is `probflow/pretrained/NAME.eqx`.
-PRETRAINED_NAMES = ("digits-vp", "digits-subvp")
+PRETRAINED_NAMES = ("digits-vp", "digits-subvp", "digits-color-vp")
 
 
 def pretrained_path(name: str) -> Path:
@@ -25,7 +25,8 @@ def pretrained_path(name: str) -> Path:
 
 
 def load_pretrained(name: str):
-    """`(model, sde)` of a shipped model: "digits-vp" or "digits-subvp".
+    """`(model, sde)` of a shipped model: "digits-vp", "digits-subvp", or "digits-color-vp" (a
+    colour model of the tinted digits "digits-color", for colorization).
 
     They are U-Nets on 8x8 digits in model space (0, 1) with 17 bins, so that
     `pf.bits_per_dim(model, sde, x_int, key=key, num_bins=17)` evaluates them.
