@@ -172,6 +172,17 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         t = self._sde().time_of_log_snr(lam)
         return t, (lam if self.time == "log_snr" else t)
 
+    def _interval(self, terms, t0, t1, y0):
+        """What every step needs about its interval: the clock's sign, the start on the clock c0,
+        the times ta, tb, the start log-SNR lam0 and the step h in log-SNR, and the state split
+        into x and the divergence integral (None for a plain solve)."""
+        sign = self._clock(terms, t0, t1)
+        c0, c1 = sign * t0, sign * t1
+        (ta, lam0), (tb, lam1) = self._at_clock(c0), self._at_clock(c1)
+        x = y0[0] if isinstance(y0, tuple) else y0
+        delta = y0[1] if isinstance(y0, tuple) else None
+        return sign, c0, ta, tb, lam0, lam1 - lam0, x, delta
+
     def _predict(self, terms, sign, c, t, y, args):
         """One model evaluation at clock time c (real time t): (eps, x0, q).
 
@@ -258,12 +269,7 @@ class DPMSolver(AbstractExponentialIntegrator):
         del solver_state, made_jump
         k = self.solver_order
         sde = self._sde()
-        sign = self._clock(terms, t0, t1)
-        c0, c1 = sign * t0, sign * t1
-        (ta, lam0), (tb, lam1) = self._at_clock(c0), self._at_clock(c1)
-        h = lam1 - lam0
-        x = y0[0] if isinstance(y0, tuple) else y0
-        delta = y0[1] if isinstance(y0, tuple) else None
+        sign, c0, ta, tb, lam0, h, x, delta = self._interval(terms, t0, t1, y0)
         a0, _ = sde.marginal(ta)
         a1, s1 = sde.marginal(tb)
         e0, _, q0 = self._predict(terms, sign, c0, ta, y0, args)
@@ -377,12 +383,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
         k = self.solver_order
         sde = self._sde()
         m_prev, q_prev, lam_prev, n = solver_state
-        sign = self._clock(terms, t0, t1)
-        c0, c1 = sign * t0, sign * t1
-        (ta, lam0), (tb, lam1) = self._at_clock(c0), self._at_clock(c1)
-        h = lam1 - lam0
-        x = y0[0] if isinstance(y0, tuple) else y0
-        delta = y0[1] if isinstance(y0, tuple) else None
+        sign, c0, ta, tb, lam0, h, x, delta = self._interval(terms, t0, t1, y0)
         _, s0 = sde.marginal(ta)
         a1, s1 = sde.marginal(tb)
         _, m0, q0 = self._predict(terms, sign, c0, ta, y0, args)
