@@ -80,11 +80,15 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-class VPSDE(AbstractSDE):
-    """Variance preserving: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (DDPM's limit)."""
+class AbstractLinearBetaSDE(AbstractSDE):
+    """The VP family: drift -1/2 beta(t) x with beta(t) = beta_min + t (beta_max - beta_min).
 
-    beta_min: float = eqx.field(default=0.1, converter=float)
-    beta_max: float = eqx.field(default=20.0, converter=float)
+    Both share scale(t) = exp(-B(t) / 2) with B(t) = int_0^t beta (section 3.4); they differ in
+    the diffusion and hence in std(t).
+    """
+
+    beta_min: eqx.AbstractVar[float]
+    beta_max: eqx.AbstractVar[float]
 
     def __check_init__(self):
         _positive("beta_min", self.beta_min)
@@ -107,6 +111,24 @@ class VPSDE(AbstractSDE):
     def drift_coef(self, t):
         return -0.5 * self.beta(t)
 
+    def prior_std(self):
+        return 1.0
+
+    def _time_of_integrated_beta(self, b: Array) -> Array:
+        """Solve beta_min t + (beta_max - beta_min) t^2 / 2 = b for t >= 0."""
+        a = 0.5 * (self.beta_max - self.beta_min)
+        if a == 0:
+            return b / self.beta_min
+        # The root of a t^2 + beta_min t - b = 0 without cancellation.
+        return 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min**2 + 4.0 * a * b))
+
+
+class VPSDE(AbstractLinearBetaSDE):
+    """Variance preserving: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (DDPM's limit)."""
+
+    beta_min: float = eqx.field(default=0.1, converter=float)
+    beta_max: float = eqx.field(default=20.0, converter=float)
+
     def diffusion(self, t):
         return jnp.sqrt(self.beta(t))
 
@@ -114,70 +136,33 @@ class VPSDE(AbstractSDE):
         b = self.integrated_beta(t)
         return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
 
-    def prior_std(self):
-        return 1.0
-
     def time_of_log_snr(self, lam):
         # scale^2 / std^2 = exp(-B) / (1 - exp(-B)) = exp(2 lam)  =>  B = log(1 + exp(-2 lam))
         b = jnp.logaddexp(0.0, -2.0 * _as_time(lam))
-        return _invert_integrated_beta(self.beta_min, self.beta_max, b)
+        return self._time_of_integrated_beta(b)
 
 
-def _invert_integrated_beta(beta_min: float, beta_max: float, b: Array) -> Array:
-    """Solve beta_min t + (beta_max - beta_min) t^2 / 2 = b for t >= 0."""
-    a = 0.5 * (beta_max - beta_min)
-    if a == 0:
-        return b / beta_min
-    # Numerically stable root of a t^2 + beta_min t - b = 0.
-    return 2.0 * b / (beta_min + jnp.sqrt(beta_min * beta_min + 4.0 * a * b))
-
-
-class SubVPSDE(AbstractSDE):
+class SubVPSDE(AbstractLinearBetaSDE):
     """Sub-VP: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 B(t)))) dw."""
 
     beta_min: float = eqx.field(default=0.1, converter=float)
     beta_max: float = eqx.field(default=20.0, converter=float)
 
-    def __check_init__(self):
-        _positive("beta_min", self.beta_min)
-        _positive("beta_max", self.beta_max)
-        if self.beta_max < self.beta_min:
-            raise ValueError(
-                f"beta_max must be >= beta_min, got beta_min={self.beta_min}, "
-                f"beta_max={self.beta_max}"
-            )
-
-    def beta(self, t: ArrayLike) -> Scalar:
-        """beta(t) = beta_min + t (beta_max - beta_min)."""
-        return self.beta_min + _as_time(t) * (self.beta_max - self.beta_min)
-
-    def integrated_beta(self, t: ArrayLike) -> Scalar:
-        """B(t) = int_0^t beta."""
-        t = _as_time(t)
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
-
-    def drift_coef(self, t):
-        return -0.5 * self.beta(t)
-
     def diffusion(self, t):
-        return jnp.sqrt(self.beta(t) * -jnp.expm1(-2.0 * self.integrated_beta(t)))
+        # 1 - exp(-2B) = s (2 - s) with s = 1 - exp(-B): one expm1, shared with `marginal`.
+        # (Two different expm1 in one jitted reduction were miscompiled by jaxlib 0.10.2.)
+        s = -jnp.expm1(-self.integrated_beta(t))
+        return jnp.sqrt(self.beta(t) * s * (2.0 - s))
 
     def marginal(self, t):
         b = self.integrated_beta(t)
         return jnp.exp(-0.5 * b), -jnp.expm1(-b)
 
-    def prior_std(self):
-        return 1.0
-
     def time_of_log_snr(self, lam):
-        # scale / std = exp(-B/2) / (1 - exp(-B)) = exp(lam). With u = exp(-B/2):
-        # u = e^lam (1 - u^2), so e^lam u^2 + u - e^lam = 0 and
-        # u = 2 e^lam / (1 + sqrt(1 + 4 e^2lam)).
-        lam = _as_time(lam)
-        el = jnp.exp(lam)
-        u = 2.0 * el / (1.0 + jnp.sqrt(1.0 + 4.0 * el * el))
-        b = -2.0 * jnp.log(u)
-        return _invert_integrated_beta(self.beta_min, self.beta_max, b)
+        # scale / std = exp(-B/2) / (1 - exp(-B)) = 1 / (2 sinh(B/2)) = exp(lam), so
+        # B = 2 asinh(exp(-lam) / 2): exact in float32 down to B ~ 1e-38 (t near 0).
+        b = 2.0 * jnp.arcsinh(0.5 * jnp.exp(-_as_time(lam)))
+        return self._time_of_integrated_beta(b)
 
 
 class VESDE(AbstractSDE):
