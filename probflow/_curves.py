@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
-from ._classifier import AbstractClassifier, frechet_distance
-from ._metrics import sliced_wasserstein
+from ._classifier import AbstractClassifier
+from ._metrics import frechet_distance, sliced_wasserstein
 from ._ode import bits_per_dim, decode
 from ._pc import LangevinCorrector, ReverseDiffusionPredictor, sample_pc
 from ._reverse_sde import sample_sde
@@ -110,6 +110,7 @@ def nfe_curve(
     classifier: AbstractClassifier | None = None,
     eps: float = 1e-3,
     reference_tol: float = 1e-7,
+    reference_solver: diffrax.AbstractSolver | None = None,
     clip: tuple[float, float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -117,9 +118,11 @@ def nfe_curve(
     seconds_incl_compile}: one per sampler and tolerance or step count.
 
     All ODE rows decode the same latents, so their `solver_error` is measured against one
-    Dopri8 solve at rtol = atol = `reference_tol` from those latents. `reference_data` (model
-    space, [M, *shape]) is the held-out data for the distribution measures; `clip` clips samples
-    to the data range before they are compared with data (not for the solver error).
+    solve at rtol = atol = `reference_tol` from those latents, by `reference_solver` (default
+    Dopri8; an adaptive solver that is also swept shares that sweep's compilation).
+    `reference_data` (model space, [M, *shape]) is the held-out data for the distribution
+    measures; `clip` clips samples to the data range before they are compared with data (not for
+    the solver error).
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     ode_sweeps = default_ode_sweeps() if ode_sweeps is None else list(ode_sweeps)
@@ -130,13 +133,15 @@ def nfe_curve(
         raise ValueError("classifier needs reference_data: the Frechet distance compares features")
     k_z, k_metric, k_sde = jax.random.split(key, 3)
     z = jax.vmap(lambda k: sde.prior_sample(k, tuple(shape)))(jax.random.split(k_z, num_samples))
+    ref_solver = diffrax.Dopri8() if reference_solver is None else reference_solver
     ref = decode(
-        model, sde, z, eps=eps, solver=diffrax.Dopri8(), rtol=reference_tol, atol=reference_tol
+        model, sde, z, eps=eps, solver=ref_solver, rtol=reference_tol, atol=reference_tol
     ).x
     ref_norm = jnp.linalg.norm(_flat(ref), axis=1)
     postprocess = (lambda x: jnp.clip(x, *clip)) if clip is not None else (lambda x: x)
     rows = [
-        {"sampler": "reference (dopri8)", "setting": f"tol={reference_tol:g}", "nfe_mean": None,
+        {"sampler": f"reference ({type(ref_solver).__name__.lower()})",
+         "setting": f"tol={reference_tol:g}", "nfe_mean": None,
          "nfe_max": None, "solver_error": 0.0, "seconds_incl_compile": None,
          **_quality(postprocess(ref), reference_data, classifier, k_metric)}
     ]
@@ -191,23 +196,26 @@ def likelihood_curve(
     data_range: tuple[float, float] = (0.0, 1.0),
     sweeps: Sequence[ODESweep] | None = None,
     reference_tol: float = 1e-7,
+    reference_solver: diffrax.AbstractSolver | None = None,
+    trace: str = "rademacher",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Rows {sampler, setting, nfe_mean, nfe_max, bpd, bpd_error}: |bpd - reference bpd| per
-    solver setting; the reference is Dopri8 at `reference_tol` with the same key (so the same
-    dequantization noise and Hutchinson probes)."""
+    solver setting; the reference is `reference_solver` (default Dopri8) at `reference_tol` with
+    the same key (so the same dequantization noise and Hutchinson probes, of kind `trace`)."""
     if sweeps is None:
         sweeps = [
             ODESweep(label="tsit5", solver=diffrax.Tsit5(), tolerances=(1e-2, 1e-3, 1e-4, 1e-5)),
             ODESweep(label="dopri5", solver=diffrax.Dopri5(), tolerances=(1e-3, 1e-4, 1e-5)),
             ODESweep(label="heun", solver=diffrax.Heun(), steps=(20, 50, 100)),
         ]
-    common = dict(key=key, num_bins=num_bins, data_range=data_range)
+    common = dict(key=key, num_bins=num_bins, data_range=data_range, trace=trace)
+    ref_solver = diffrax.Dopri8() if reference_solver is None else reference_solver
     ref = bits_per_dim(
-        model, sde, x_int, solver=diffrax.Dopri8(), rtol=reference_tol, atol=reference_tol,
-        **common,
+        model, sde, x_int, solver=ref_solver, rtol=reference_tol, atol=reference_tol, **common,
     )
-    rows = [{"sampler": "reference (dopri8)", "setting": f"tol={reference_tol:g}",
+    rows = [{"sampler": f"reference ({type(ref_solver).__name__.lower()})",
+             "setting": f"tol={reference_tol:g}",
              "nfe_mean": float(ref.nfe.mean()), "nfe_max": int(ref.nfe.max()),
              "bpd": float(ref.bpd.mean()), "bpd_error": 0.0}]
     for sweep in sweeps:

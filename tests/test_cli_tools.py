@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import probflow as pf
-from probflow._cli_tools import make_mask
+from probflow._cli._sampling import make_mask
 
 
 @pytest.fixture(scope="module")

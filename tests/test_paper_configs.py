@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import probflow as pf
-from probflow._paper import PAPER_CONFIGS, paper_config, parameter_count
+from probflow._paper_configs import PAPER_CONFIGS, paper_config, parameter_count
 from probflow.models import DDPMpp
 from probflow.models._ddpmpp import fir_downsample, fir_upsample
 
@@ -112,8 +112,8 @@ def test_small_variant_runs_and_checkpoints(variant, tmp_path):
     model = build((8, 8, 3), sde=sde, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                   attn_resolutions=(4,), key=jax.random.key(0))
     # the zero-initialised output conv makes the initial score exactly 0; perturb it
-    w = 0.1 * jax.random.normal(jax.random.key(1), model.conv_out.weight.shape)
-    model = eqx.tree_at(lambda m: m.conv_out.weight, model, w)
+    w = 0.1 * jax.random.normal(jax.random.key(1), model.net.conv_out.weight.shape)
+    model = eqx.tree_at(lambda m: m.net.conv_out.weight, model, w)
     x = jax.random.uniform(jax.random.key(2), (8, 8, 3))
     call = eqx.filter_jit(lambda m, t: m(t, x))
     s1, s2 = call(model, jnp.asarray(0.2)), call(model, jnp.asarray(0.8))
@@ -153,7 +153,7 @@ def test_paper_config_takes_two_training_steps_on_mock_cifar10(name, tmp_path):
     r = pf.train(model, sde, ds, train_cfg, progress=False)
     assert r.step == 2 and np.all(np.isfinite(r.losses))
     # the zero-initialised output layers received a gradient step
-    assert float(jnp.abs(r.raw_model.conv_out.weight).max()) > 0
+    assert float(jnp.abs(r.raw_model.net.conv_out.weight).max()) > 0
 
 
 @pytest.mark.slow

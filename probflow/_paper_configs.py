@@ -1,5 +1,5 @@
-"""The paper's CIFAR-10 configurations (Song et al. 2021, appendix H), as named configs of
-`probflow train --config NAME`.
+"""The paper's CIFAR-10 configurations (Song et al. 2021, appendix H): data only, used by
+`probflow train --config NAME` (the runner is in `probflow/_cli/_training.py`).
 
 | name                  | network            | SDE   | res blocks | EMA    |
 |-----------------------|--------------------|-------|------------|--------|
@@ -24,6 +24,19 @@ from ._sde import VESDE, VPSDE, AbstractSDE, SubVPSDE
 from ._train import TrainConfig
 from .models import DDPMpp
 
+#: The paper configs' short SDE names (also `probflow train --sde`), the one map from them.
+_SDE_BY_NAME: dict[str, type[AbstractSDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+
+
+def sde_from_name(name: str) -> AbstractSDE:
+    """The SDE of a short name, "vp", "subvp" or "ve", with the paper's parameters."""
+    try:
+        return _SDE_BY_NAME[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown SDE {name!r}; expected one of {', '.join(_SDE_BY_NAME)}"
+        ) from None
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PaperConfig:
@@ -41,13 +54,13 @@ class PaperConfig:
     def __post_init__(self):
         if self.network not in ("ddpmpp", "ncsnpp"):
             raise ValueError(f"network must be 'ddpmpp' or 'ncsnpp', got {self.network!r}")
-        if self.sde not in ("vp", "subvp", "ve"):
+        if self.sde not in _SDE_BY_NAME:
             raise ValueError(f"sde must be 'vp', 'subvp' or 've', got {self.sde!r}")
         if not isinstance(self.train, TrainConfig):
             raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}")
 
     def make_sde(self) -> AbstractSDE:
-        return {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}[self.sde]()
+        return sde_from_name(self.sde)
 
     def make_model(self, *, key, shape=None, sde: AbstractSDE | None = None, **overrides):
         """The network (`overrides` change its hyperparameters, e.g. nf=32 for a smoke test)."""
@@ -109,74 +122,3 @@ def parameter_count(model) -> int:
         for x in jax.tree.leaves(parts)
         if hasattr(x, "dtype") and hasattr(x, "shape") and np.issubdtype(x.dtype, np.inexact)
     )
-
-
-#: Fields of `probflow train` that a config sets, with the option that overrides each.
-CLI_OVERRIDES = {
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "warmup": "--warmup",
-    "grad_clip": "--grad-clip",
-    "ema_decay": "--ema-decay",
-    "steps_per_call": "--steps-per-call",
-}
-
-
-def run_config(args) -> int:
-    """`probflow train --config NAME`: the config's network, SDE, data and hyperparameters;
-    --data, --sde, --steps and the options in `CLI_OVERRIDES`, when given, override them."""
-    import time
-    from pathlib import Path
-
-    from ._cli import CLIError, build_parser, format_table, load_data
-    from ._train import train
-
-    try:
-        cfg = paper_config(args.config)
-    except ValueError as e:
-        raise CLIError(f"--config: {e}") from None
-    if args.sde is not None and args.sde != cfg.sde:
-        raise CLIError(
-            f"--sde {args.sde} contradicts --config {cfg.name} (an {cfg.sde} model); drop --sde"
-        )
-    if args.resume and not (Path(args.out) / "checkpoint.eqx").exists():
-        raise CLIError(f"--resume: no checkpoint in {args.out} to resume from")
-    defaults = vars(build_parser().parse_args(["train", "--config", cfg.name, "--out", "-"]))
-    overrides = {
-        field: getattr(args, field)
-        for field in CLI_OVERRIDES
-        if getattr(args, field) is not None and getattr(args, field) != defaults[field]
-    }
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.checkpoint_every != defaults["checkpoint_every"]:
-        overrides["checkpoint_every"] = args.checkpoint_every
-    overrides["seed"] = args.seed
-    config = dataclasses.replace(cfg.train, **overrides)
-    data_name = args.data or cfg.data
-    ds = load_data(data_name, "train", data_dir=args.data_dir)
-    if tuple(ds.shape) != cfg.shape:
-        raise CLIError(
-            f"--data {data_name}: examples have shape {tuple(ds.shape)}, but --config "
-            f"{cfg.name} is for {cfg.shape}"
-        )
-    sde = cfg.make_sde()
-    model = cfg.make_model(key=jax.random.key(args.seed), sde=sde)
-    t0 = time.perf_counter()
-    result = train(
-        model, sde, ds, config, out=args.out, resume=args.resume,
-        progress=not args.no_progress, data_name=data_name, devices=args.devices,
-    )
-    elapsed = time.perf_counter() - t0
-    tail = result.losses[-100:]
-    rows = [
-        ["run", str(args.out)],
-        ["config", cfg.name],
-        ["parameters", parameter_count(model)],
-        ["steps", result.step],
-        ["final loss (mean of last 100)", float(tail.mean()) if len(tail) else float("nan")],
-        ["wall time (s)", round(elapsed, 1)],
-        ["checkpoint", str(Path(args.out) / "checkpoint.eqx")],
-    ]
-    print(format_table(["field", "value"], rows))
-    return 0

@@ -1,0 +1,392 @@
+"""Helpers shared by the `probflow` subcommands.
+
+Argument types, the one table format, JSON and PNG outputs, the persistent compilation cache, and
+the one place where `--checkpoint` becomes a model (`load_model`). Nothing here imports a command
+module; the command modules import this one; `_main` imports the command modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class CLIError(Exception):
+    """A user's mistake on the command line: printed as one line, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Command:
+    """One subcommand: its name, one-line help, description, options and runner."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------- argument types
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not (0.0 <= v < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def positive_floats(text: str) -> tuple[float, ...]:
+    """Comma-separated positive numbers ("" for none)."""
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive numbers, got {text!r}"
+        ) from None
+    if any(not (math.isfinite(v) and v > 0) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return vals
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers ("" for none)."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def names(text: str) -> tuple[str, ...]:
+    """Comma-separated names, lower-cased."""
+    return tuple(v.strip().lower() for v in text.split(",") if v.strip())
+
+
+# --------------------------------------------------------------------------------- output
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table of list rows under `headers`, in the one table format that probflow
+    prints (`probflow._curves.format_table`: floats to 4 significant digits, None as '-')."""
+    from .._curves import format_table as format_dict_rows
+
+    return format_dict_rows([dict(zip(headers, row, strict=True)) for row in rows], headers)
+
+
+def format_rows(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """The same table of dict rows (e.g. those of `pf.nfe_curve`) with the given columns."""
+    from .._curves import format_table as format_dict_rows
+
+    return format_dict_rows(list(rows), list(columns))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.parent.exists():
+        raise CLIError(f"--json: directory does not exist: {p.parent}")
+    p.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def out_path(path: str | None, suffix: str, flag: str = "--out") -> Path | None:
+    """`path` checked to end in `suffix` and to lie in an existing directory."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.suffix.lower() != suffix:
+        raise CLIError(f"{flag}: expected a {suffix} file name, got {path!r}")
+    if not p.parent.exists():
+        raise CLIError(f"{flag}: directory does not exist: {p.parent}")
+    return p
+
+
+def relative_error(a, b):
+    """Per-example relative L2 distance ||a - b|| / ||b||."""
+    import numpy as np
+
+    a = np.asarray(a).reshape(len(a), -1)
+    b = np.asarray(b).reshape(len(b), -1)
+    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------- compilation cache
+
+#: Where compiled XLA programs are kept between runs (see `enable_compile_cache`).
+CACHE_ENV = "PROBFLOW_CACHE_DIR"
+
+
+def compile_cache_dir() -> Path:
+    """$PROBFLOW_CACHE_DIR, else $XDG_CACHE_HOME/probflow/jax, else ~/.cache/probflow/jax."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "probflow" / "jax"
+
+
+def enable_compile_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache, so that a second `probflow` run loads the
+    compiled solves instead of compiling them again. Returns the directory (None if it cannot be
+    created: the run then compiles as usual)."""
+    import jax
+
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every program that took noticeable time to compile (JAX's default is >= 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # XLA:CPU logs two spurious ERROR lines for every program loaded from the cache (its
+    # machine-feature check does not know the tuning features +prefer-no-gather/scatter);
+    # silence JAX's logs below CRITICAL so that stderr keeps one line per real problem
+    # (errors still arrive as exceptions).
+    jax.config.update("jax_logging_level", "CRITICAL")
+    return path
+
+
+# ------------------------------------------------------------------------- names to objects
+
+ODE_SOLVERS = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8",
+               "reversibleheun")
+DPM_SOLVERS = ("dpm1", "dpm2", "dpm3", "dpm++2m", "dpm++3m")
+SDE_NAMES = ("vp", "subvp", "ve")
+
+
+def make_solver(name: str, flag: str = "--solver"):
+    """A solver object from its command-line name (case-insensitive diffrax class name, or an
+    exponential integrator: dpm1..dpm3, dpm++2m, dpm++3m)."""
+    import diffrax
+
+    import probflow as pf
+
+    key = name.lower()
+    if key in ODE_SOLVERS:
+        cls = {c.lower(): c for c in ("Euler", "Heun", "Midpoint", "Ralston", "Bosh3", "Tsit5",
+                                      "Dopri5", "Dopri8", "ReversibleHeun")}[key]
+        return getattr(diffrax, cls)()
+    if key in ("dpm1", "dpm2", "dpm3"):
+        return pf.DPMSolver(order=int(key[-1]))
+    if key in ("dpm++2m", "dpm++3m"):
+        return pf.DPMSolverMultistep(order=int(key[3]))
+    raise CLIError(
+        f"{flag}: unknown solver {name!r}; choose from {', '.join(ODE_SOLVERS + DPM_SOLVERS)}"
+    )
+
+
+def make_sde(name: str):
+    """The SDE named on the command line (`--sde vp|subvp|ve`), with the paper's parameters."""
+    # The short names are those of the paper's configs; `_paper_configs.sde_from_name` is the
+    # one map from them to classes.
+    from .._paper_configs import sde_from_name
+
+    try:
+        return sde_from_name(name)
+    except ValueError as e:
+        raise CLIError(f"--sde: {e}") from None
+
+
+# --------------------------------------------------------------------- models and data
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A score model named by `--checkpoint`, with what its file records about its data."""
+
+    name: str  # as given on the command line
+    model: Any
+    sde: Any
+    config: dict
+    data_range: tuple[float, float]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.model.shape)
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A shipped model's name ("digits-vp") or a path (a file, or a run directory holding
+    checkpoint.eqx), as the checkpoint file's path."""
+    from .._pretrained import PRETRAINED_NAMES, pretrained_path
+
+    if spec in PRETRAINED_NAMES:
+        return pretrained_path(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise CLIError(
+            f"--checkpoint: no such file {spec!r} (and not a shipped model: "
+            f"{', '.join(PRETRAINED_NAMES)})"
+        )
+    if path.is_dir():
+        candidate = path / "checkpoint.eqx"
+        if not candidate.exists():
+            raise CLIError(f"--checkpoint: directory {spec!r} holds no checkpoint.eqx")
+        return candidate
+    return path
+
+
+def load_model(spec: str) -> LoadedModel:
+    """THE place where `--checkpoint SPEC` becomes (model, sde): every subcommand calls this.
+
+    Today: a shipped name or a probflow checkpoint (`pf.load_checkpoint`). Other kinds of file
+    (e.g. the paper's own checkpoints) are to be recognised here.
+    """
+    from .._checkpoint import load_checkpoint
+
+    model, sde, config = load_checkpoint(resolve_checkpoint(spec))
+    data_range = tuple(config.get("data_range") or (0.0, 1.0))
+    return LoadedModel(name=spec, model=model, sde=sde, config=config,
+                       data_range=(float(data_range[0]), float(data_range[1])))
+
+
+def load_data(name: str, split: str, data_dir=None, flag: str = "--data"):
+    import probflow.data
+
+    try:
+        return probflow.data.load(name, split, data_dir=data_dir)
+    except ValueError as e:
+        raise CLIError(f"{flag}: {e}") from None
+
+
+def check_data_matches(ds, loaded: LoadedModel, flag: str = "--data") -> None:
+    """The data fit the model: the same example shape and number of bins."""
+    if tuple(ds.shape) != loaded.shape:
+        raise CLIError(
+            f"{flag} {ds.name}: examples have shape {tuple(ds.shape)} but the checkpoint's model "
+            f"expects {loaded.shape}"
+        )
+    if loaded.config.get("num_bins") not in (None, ds.num_bins):
+        raise CLIError(
+            f"{flag} {ds.name} has {ds.num_bins} bins but the model was trained on "
+            f"{loaded.config['num_bins']}"
+        )
+
+
+def model_space(ds, loaded: LoadedModel, n: int | None = None):
+    """The first `n` examples of `ds` at their bins' centres in the model's data range."""
+    import dataclasses as dc
+
+    import numpy as np
+
+    ds = ds if n is None else ds.take(slice(0, n))
+    ds = dc.replace(ds, data_range=loaded.data_range)
+    return np.asarray(ds.to_model_space(), np.float32)
+
+
+def digits_classifier_for(ds):
+    """The shipped clean digits classifier when `ds` is the digits data (for Frechet distances
+    and accuracies), else None."""
+    import probflow as pf
+
+    if ds.name == "digits":
+        return pf.load_pretrained_classifier("digits-classifier")
+    return None
+
+
+# ------------------------------------------------------------------------ shared options
+
+
+def add_checkpoint_option(p, default: str | None = "digits-vp", **kw) -> None:
+    p.add_argument(
+        "--checkpoint", default=default, metavar="PATH|NAME",
+        help=kw.pop("help", "a checkpoint file, a run directory, or a shipped model's name "
+                            "(digits-vp, digits-subvp, digits-color-vp)"),
+        **kw,
+    )
+
+
+def add_data_options(p, *, data: str | None = "digits", split: str = "test",
+                     limit: int | None = None, limit_help: str = "use the first N examples"
+                     ) -> None:
+    p.add_argument("--data", default=data, required=data is None,
+                   help="a dataset name that probflow.data.load knows (digits, digits-color, "
+                        "mnist-5k, toy:NAME, tfds:NAME)")
+    p.add_argument("--split", default=split, help="the dataset split")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of prepared tensorflow-datasets data, for tfds:NAME "
+                        "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--limit", type=positive_int, default=limit,
+                   help=limit_help if limit is not None else limit_help + " (default: all)")
+
+
+def add_ode_options(p, *, solver: str = "tsit5", tol: float = 1e-5, eps: float | None = 1e-3,
+                    eps_help: str = "the time the ODE stops at (data end), 0 < eps < T") -> None:
+    """The probability-flow ODE's solver options: adaptive tolerances or N uniform steps."""
+    p.add_argument("--solver", default=solver, metavar="NAME",
+                   help=f"ODE solver: {', '.join(ODE_SOLVERS + DPM_SOLVERS)}")
+    p.add_argument("--rtol", type=positive_float, default=tol,
+                   help="relative tolerance of an adaptive solve")
+    p.add_argument("--atol", type=positive_float, default=tol,
+                   help="absolute tolerance of an adaptive solve")
+    p.add_argument("--ode-steps", "--steps", dest="ode_steps", type=positive_int, default=None,
+                   metavar="N",
+                   help="N fixed solver steps instead of adaptive tolerances (default: adaptive; "
+                        "needed by solvers without an error estimate)")
+    p.add_argument("--eps", type=positive_float, default=eps, help=eps_help)
+
+
+def ode_kwargs(args) -> dict:
+    return dict(solver=make_solver(args.solver), rtol=args.rtol, atol=args.atol,
+                steps=args.ode_steps, eps=args.eps)
+
+
+def add_output_options(p, *, out: str | None, suffix: str = ".png", out_help: str | None = None,
+                       required: bool = False) -> None:
+    p.add_argument("--out", default=out, required=required,
+                   help=out_help or f"the {suffix} file to write"
+                        + (" (default: none)" if out is None and not required else ""))
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON to PATH (default: none)")

@@ -1,0 +1,194 @@
+"""`probflow demo`: the main job on the shipped digits model, in about three minutes.
+
+The solves are laid out to share compiled functions: the ODE samples, the encode->decode round
+trip and the NFE curve's Tsit5 rows and reference all decode batches of the same size at the
+same eps with Tsit5 (the tolerances are arrays, so one compilation serves them all), and the
+SDE and PC sample grids use step counts that the curve sweeps too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import (
+    CLIError,
+    Command,
+    add_checkpoint_option,
+    check_data_matches,
+    format_rows,
+    format_table,
+    load_data,
+    load_model,
+    model_space,
+    nonneg_int,
+    positive_int,
+    progress_bar,
+    relative_error,
+    write_json,
+)
+from ._curve import DEFAULT, SAMPLE_COLUMNS, CurveSettings, run_nfe_curve
+from ._flow import summarise_bpd
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoPlan:
+    num: int  # samples per grid, images encoded, samples per curve setting
+    sde_steps: int  # the SDE grid's steps (the curve sweeps it too)
+    pc_steps: int  # the PC grid's steps (the curve sweeps it too)
+    bpd_images: int
+    curve: CurveSettings
+
+
+PLAN = DemoPlan(
+    num=DEFAULT.num_samples,
+    sde_steps=max(DEFAULT.sde_steps),
+    pc_steps=max(DEFAULT.sde_steps),
+    bpd_images=300,
+    curve=dataclasses.replace(DEFAULT, likelihood_images=0),
+)
+
+#: `--quick`: a smoke run (for tests).
+QUICK = DemoPlan(
+    num=8,
+    sde_steps=10,
+    pc_steps=10,
+    bpd_images=8,
+    curve=dataclasses.replace(DEFAULT, num_samples=8, solvers=("euler", "tsit5"),
+                              tolerances=(1e-2,), ode_steps=(4,), sde_steps=(10,),
+                              stochastic=("reverse-sde",), likelihood_images=0),
+)
+
+
+def _add_demo(p) -> None:
+    add_checkpoint_option(p)
+    p.add_argument("--out", default="demo-out", help="output folder (created if missing)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seeds every draw")
+    p.add_argument("--bpd-images", type=positive_int, default=PLAN.bpd_images, metavar="N",
+                   help=f"test images for bits/dim ({PLAN.bpd_images} = the whole digits test "
+                        "split; --quick: 8)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: few images, samples and steps (for tests)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the summary to PATH (default: only OUT/summary.json)")
+
+
+def _run_demo(args) -> int:
+    import jax
+
+    import probflow as pf
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out: {args.out!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = QUICK if args.quick else dataclasses.replace(PLAN, bpd_images=args.bpd_images)
+    t_start = time.perf_counter()
+    loaded = load_model(args.checkpoint)
+    model, sde, data_range = loaded.model, loaded.sde, loaded.data_range
+    test = load_data("digits", "test")
+    check_data_matches(test, loaded, "digits")
+    key = jax.random.key(args.seed)
+    summary: dict = {"checkpoint": args.checkpoint}
+    table = []
+    bar = progress_bar(6, "demo")
+
+    # 1. Test-set bits/dim (uniform dequantization, Tsit5 at rtol = atol = 1e-5, eps = 1e-5,
+    #    one Rademacher probe per image).
+    n_bpd = min(plan.bpd_images, len(test))
+    t0 = time.perf_counter()
+    r = pf.bits_per_dim(model, sde, test.images[:n_bpd], key=jax.random.fold_in(key, 1),
+                        num_bins=test.num_bins, data_range=data_range, trace="rademacher")
+    bpd = np.asarray(jax.block_until_ready(r.bpd))
+    stats = summarise_bpd(bpd[None])
+    dt = time.perf_counter() - t0
+    summary["bpd"] = {"mean": stats["bpd"], "se": stats["bpd_se"], "images": n_bpd,
+                      "trace": "rademacher", "probes": 1,
+                      "se_contains": "spread between images + dequantization and probe noise",
+                      "nfe_mean": float(np.mean(r.nfe)), "nfe_max": int(np.max(r.nfe)),
+                      "seconds": dt}
+    table.append(["test bits/dim (± s.e.)", f"{stats['bpd']:.4f} ± {stats['bpd_se']:.4f}",
+                  f"{np.mean(r.nfe):.0f} / {np.max(r.nfe)}", round(dt, 1), "-"])
+    bar.update(1)
+
+    # 2-4. Sample grids from the three samplers.
+    num, shape = plan.num, loaded.shape
+    samplers = [
+        ("ODE samples (tsit5, tol 1e-3)", "samples_ode.png",
+         lambda k: pf.sample_ode(model, sde, num, shape, key=k, rtol=1e-3, atol=1e-3)),
+        (f"SDE samples (Euler-Maruyama, {plan.sde_steps} steps)", "samples_sde.png",
+         lambda k: pf.sample_sde(model, sde, num, shape, key=k, steps=plan.sde_steps)),
+        (f"PC samples (RD + Langevin, {plan.pc_steps} steps)", "samples_pc.png",
+         lambda k: pf.sample_pc(model, sde, num, shape, key=k, steps=plan.pc_steps,
+                                predictor=pf.ReverseDiffusionPredictor(),
+                                corrector=pf.LangevinCorrector(snr=0.16, steps=1))),
+    ]
+    summary["samples"] = {}
+    for i, (name, fname, fn) in enumerate(samplers):
+        t0 = time.perf_counter()
+        s = fn(jax.random.fold_in(key, 10 + i))
+        x = np.asarray(jax.block_until_ready(s.x))
+        pf.save_image_grid(out / fname, x[:64], data_range=data_range)
+        dt = time.perf_counter() - t0
+        summary["samples"][fname] = {"nfe_mean": float(np.mean(s.nfe)), "seconds": dt}
+        table.append([name, "-", f"{np.mean(s.nfe):.0f} / {np.max(s.nfe)}", round(dt, 1),
+                      str(out / fname)])
+        bar.update(1)
+
+    # 5. Encode -> decode round trip on test images (Tsit5 at the default 1e-5).
+    t0 = time.perf_counter()
+    x = model_space(test, loaded, num)
+    enc = pf.encode(model, sde, x)
+    dec = pf.decode(model, sde, enc.z)
+    err = relative_error(dec.x, x)
+    pf.save_image_grid(out / "encode_decode.png", np.concatenate([x[:16], np.asarray(dec.x[:16])]),
+                       data_range=data_range, ncol=16)
+    summary["encode_decode"] = {"images": len(x), "rel_error_mean": float(err.mean()),
+                                "rel_error_max": float(err.max()),
+                                "nfe_encode_mean": float(np.mean(enc.nfe)),
+                                "nfe_decode_mean": float(np.mean(dec.nfe))}
+    table.append(["encode->decode rel. error", f"{err.mean():.1e} (max {err.max():.1e})",
+                  f"{np.mean(enc.nfe):.0f} + {np.mean(dec.nfe):.0f}",
+                  round(time.perf_counter() - t0, 1), str(out / "encode_decode.png")])
+    bar.update(1)
+
+    # 6. A compact NFE-versus-quality curve.
+    t0 = time.perf_counter()
+    rows, _ = run_nfe_curve(loaded, test, plan.curve, eps=1e-3, seed=args.seed,
+                            classifier=pf.load_pretrained_classifier("digits-classifier"),
+                            desc="demo: nfe-curve")
+    pf.plot_nfe_curve(rows, out / "nfe_curve.png", title=f"{args.checkpoint}: NFE vs quality")
+    summary["nfe_curve"] = rows
+    table.append(["NFE-vs-quality curve", f"{len(rows)} settings", "-",
+                  round(time.perf_counter() - t0, 1), str(out / "nfe_curve.png")])
+    bar.update(1)
+    bar.close()
+
+    summary["seconds_total"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
+    print(format_table(["result", "value", "NFE mean / max", "time (s)", "file"], table))
+    print(f"\nbits/dim: mean over {n_bpd} test images ± its standard error, which holds the "
+          "spread between images and the dequantization and probe noise (one draw each)")
+    print()
+    print(format_rows(rows, [c for c in SAMPLE_COLUMNS if c != "nfe_max"]))
+    print(f"\ntotal {summary['seconds_total']:.0f} s; summary: {out / 'summary.json'}")
+    return 0
+
+
+COMMANDS = (
+    Command(
+        name="demo",
+        help="the main job on the shipped digits model (about 3 minutes)",
+        description="On the shipped digits-vp model: test-set bits/dim, sample grids from the "
+                    "ODE, SDE and PC samplers, the encode->decode error and a compact "
+                    "NFE-versus-quality curve. Writes PNGs and summary.json into --out and "
+                    "prints a table.",
+        add_arguments=_add_demo,
+        run=_run_demo,
+    ),
+)
