@@ -10,7 +10,6 @@ from ._classifier import ClassifierConfig as ClassifierConfig
 from ._classifier import DataClassifier as DataClassifier
 from ._classifier import NoiseConditionalClassifier as NoiseConditionalClassifier
 from ._classifier import classify as classify
-from ._classifier import frechet_distance as frechet_distance
 from ._classifier import load_classifier as load_classifier
 from ._classifier import load_pretrained_classifier as load_pretrained_classifier
 from ._classifier import save_classifier as save_classifier
@@ -29,6 +28,7 @@ from ._dpm import DPMSolver as DPMSolver
 from ._dpm import DPMSolverMultistep as DPMSolverMultistep
 from ._dpm import LogSNRTimeODE as LogSNRTimeODE
 from ._loss import dsm_loss as dsm_loss
+from ._metrics import frechet_distance as frechet_distance
 from ._metrics import sliced_wasserstein as sliced_wasserstein
 from ._mixture import GaussianMixture as GaussianMixture
 from ._mixture import MixtureClassifier as MixtureClassifier
@@ -62,6 +62,7 @@ from ._results import SampleResult as SampleResult
 from ._reverse_sde import sample_sde as sample_sde
 from ._sde import VESDE as VESDE
 from ._sde import VPSDE as VPSDE
+from ._sde import AbstractLinearBetaSDE as AbstractLinearBetaSDE
 from ._sde import AbstractSDE as AbstractSDE
 from ._sde import SubVPSDE as SubVPSDE
 from ._train import TrainConfig as TrainConfig

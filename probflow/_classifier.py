@@ -9,34 +9,40 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
-import io
-import json
 import math
-import struct
 from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
-from ._checkpoint import CheckpointError, write_atomically
-from ._sde import VESDE, VPSDE, AbstractSDE, SubVPSDE
+from ._checkpoint import CLASSIFIER, load_module, save_module
+from ._sde import AbstractSDE
 from ._validate import check_positive_float, check_positive_int
 from .models._base import Dense, GaussianFourierFeatures
 
-_MAGIC = b"PROBFLOW-CLSF-1\n"
-_SDES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE}
+# Optimiser steps per jitted call of `train_classifier` (the last call runs the remainder).
+_CHUNK = 500
 
 
 class AbstractClassifier(eqx.Module):
-    """`classifier(t, x) -> logits [num_classes]` for one example."""
+    """`classifier(t, x) -> logits [num_classes]` for one example.
+
+    Subclasses can be saved with `save_classifier` like score models with `save_checkpoint`:
+    `hyperparameters` are the JSON-serialisable constructor arguments besides `sde` (passed when
+    not None) and `key`.
+    """
 
     shape: eqx.AbstractVar[tuple[int, ...]]
     num_classes: eqx.AbstractVar[int]
+    sde: eqx.AbstractVar[AbstractSDE | None]
+
+    @property
+    @abc.abstractmethod
+    def hyperparameters(self) -> dict:
+        """The constructor arguments (besides `sde` and `key`) that rebuild this classifier."""
 
     @abc.abstractmethod
     def features(self, t: ArrayLike, x: Array) -> Array:
@@ -68,6 +74,7 @@ class DataClassifier(AbstractClassifier):
     num_classes: int
     width: int
     depth: int
+    sde: None
     body: _MLPBody
     head: Dense
 
@@ -76,6 +83,7 @@ class DataClassifier(AbstractClassifier):
         self.shape = tuple(int(s) for s in shape)
         self.num_classes = int(num_classes)
         self.width, self.depth = int(width), int(depth)
+        self.sde = None
         k1, k2 = jax.random.split(key)
         self.body = _MLPBody(math.prod(self.shape), self.width, self.depth, key=k1)
         self.head = Dense(self.width, self.num_classes, key=k2)
@@ -215,102 +223,56 @@ def train_classifier(
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
 
     @eqx.filter_jit
-    def run(params, opt_state, start):
+    def run(params, opt_state, steps):
         def step(carry, i):
             params, opt_state = carry
             loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(k_train, i))
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(
-            step, (params, opt_state), start + jnp.arange(500)
-        )
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), steps)
         return params, opt_state, losses
 
+    # Exactly config.steps steps: whole chunks, then the remainder (at most two compilations).
     done = 0
     while done < config.steps:
-        params, opt_state, losses = run(params, opt_state, done)
-        done += 500
+        n = min(_CHUNK, config.steps - done)
+        params, opt_state, losses = run(params, opt_state, done + jnp.arange(n))
+        done += n
         if not bool(jnp.isfinite(losses).all()):
             raise FloatingPointError("classifier training diverged (non-finite loss)")
     return eqx.combine(params, static)
 
 
+@eqx.filter_jit
+def _predict(classifier, x, t):
+    return jax.vmap(lambda xi: jnp.argmax(classifier(t, xi)))(x)
+
+
 def classify(classifier: AbstractClassifier, x: ArrayLike, t: float = 0.0) -> Array:
-    """Predicted labels [B] for a batch x of model-space examples."""
+    """Predicted labels [B] for a batch x of model-space examples (compiled once per shape)."""
     x = jnp.asarray(x)
-    return jax.jit(jax.vmap(lambda xi: jnp.argmax(classifier(t, xi))))(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    return _predict(classifier, x, jnp.asarray(t, dtype))
 
 
 def save_classifier(path, classifier: AbstractClassifier, info: dict | None = None) -> None:
-    """Write a classifier atomically: a JSON header, then `eqx.tree_serialise_leaves`."""
-    buf = io.BytesIO()
-    eqx.tree_serialise_leaves(buf, classifier)
-    payload = buf.getvalue()
-    header = {
-        "format": "probflow-classifier",
-        "class": type(classifier).__name__,
-        "hyperparameters": classifier.hyperparameters,
-        "sde": None,
-        "info": info or {},
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "payload_bytes": len(payload),
-    }
-    if isinstance(classifier, NoiseConditionalClassifier):
-        header["sde"] = {"class": type(classifier.sde).__name__,
-                         "params": {f.name: getattr(classifier.sde, f.name)
-                                    for f in dataclasses.fields(classifier.sde)}}
-    hb = json.dumps(header, sort_keys=True).encode()
-    write_atomically(path, _MAGIC + struct.pack("<Q", len(hb)) + hb + payload)
+    """Write a classifier atomically, in the checkpoints' file format (see `save_checkpoint`);
+    `info` is any JSON-serialisable dict, returned by `load_classifier`."""
+    if not isinstance(classifier, AbstractClassifier):
+        raise ValueError(
+            f"classifier must be an AbstractClassifier, got {type(classifier).__name__}"
+        )
+    info = {} if info is None else info
+    if not isinstance(info, dict):
+        raise ValueError(f"info must be a dict or None, got {type(info).__name__}")
+    save_module(path, CLASSIFIER, classifier, classifier.sde, {"info": info})
 
 
 def load_classifier(path) -> tuple[AbstractClassifier, dict]:
     """(classifier, info) from a file written by `save_classifier`."""
-    path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"classifier file not found: {path}") from None
-    if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + 8:
-        raise CheckpointError(f"not a probflow classifier file: {path}")
-    (nh,) = struct.unpack("<Q", blob[len(_MAGIC):len(_MAGIC) + 8])
-    start = len(_MAGIC) + 8
-    try:
-        header = json.loads(blob[start:start + nh].decode())
-        payload = blob[start + nh:]
-        if len(payload) != header["payload_bytes"]:
-            raise CheckpointError(f"classifier file is truncated: {path}")
-        if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-            raise CheckpointError(f"classifier file is corrupted (checksum mismatch): {path}")
-        hp = dict(header["hyperparameters"])
-        hp["shape"] = tuple(hp["shape"])
-        key = jax.random.key(0)
-        if header["class"] == "DataClassifier":
-            skeleton = DataClassifier(**hp, key=key)
-        elif header["class"] == "NoiseConditionalClassifier":
-            sde = _SDES[header["sde"]["class"]](**header["sde"]["params"])
-            skeleton = NoiseConditionalClassifier(**hp, sde=sde, key=key)
-        else:
-            raise CheckpointError(f"unknown classifier class {header['class']!r}: {path}")
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"classifier header is corrupted ({e}): {path}") from None
-    return eqx.tree_deserialise_leaves(io.BytesIO(payload), skeleton), header["info"]
-
-
-def frechet_distance(feat_a: ArrayLike, feat_b: ArrayLike) -> float:
-    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^{1/2}) between two feature sets [N, F]."""
-    a = np.asarray(feat_a, np.float64)
-    b = np.asarray(feat_b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # tr (Ca Cb)^{1/2} = sum sqrt(eig(sqrt(Ca) Cb sqrt(Ca))), all eigenvalues real and >= 0.
-    w, v = np.linalg.eigh(ca)
-    sqrt_ca = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    eig = np.linalg.eigvalsh(sqrt_ca @ cb @ sqrt_ca)
-    tr_sqrt = np.sum(np.sqrt(np.clip(eig, 0, None)))
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(ca) + np.trace(cb) - 2 * tr_sqrt)
+    classifier, _, header = load_module(path, CLASSIFIER, AbstractClassifier)
+    return classifier, header["info"]
 
 
 _PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"

@@ -29,7 +29,9 @@ def load_pretrained(name: str):
     colour model of the tinted digits "digits-color", for colorization).
 
     They are U-Nets on 8x8 digits in model space (0, 1) with 17 bins, so that
-    `pf.bits_per_dim(model, sde, x_int, key=key, num_bins=17)` evaluates them.
+    `pf.bits_per_dim(model, sde, x_int, key=key, num_bins=17)` evaluates them. Their weights are
+    stored in float32; with `jax_enable_x64` on they load as float64 (an exact cast), so that the
+    whole network then runs in float64.
     """
     model, sde, _ = load_checkpoint(pretrained_path(name))
     return model, sde

@@ -3,19 +3,26 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.linalg
+from test_checkpoint import _same_tree, flip_every_bit
 
 import probflow as pf
-from probflow._checkpoint import CheckpointError
+import probflow._classifier
+from probflow._checkpoint import CLASSIFIER, MAGIC, CheckpointError, _load, read_checkpoint
 from probflow._classifier import (
+    AbstractClassifier,
     ClassifierConfig,
+    DataClassifier,
+    NoiseConditionalClassifier,
     classify,
-    frechet_distance,
     load_classifier,
     save_classifier,
     train_classifier,
 )
+
+frechet_distance = pf.frechet_distance
 
 LO, HI, BINS = -4.0, 4.0, 256
 
@@ -93,3 +100,110 @@ def test_bad_input():
         train_classifier(jnp.zeros((4, 2), jnp.int32), jnp.zeros(3, jnp.int32), num_bins=4)
     with pytest.raises(ValueError, match="steps"):
         ClassifierConfig(steps=0)
+
+
+def test_frechet_distance_lives_with_the_metrics():
+    from probflow import _metrics
+
+    assert pf.frechet_distance is _metrics.frechet_distance
+    with pytest.raises(ValueError, match="same number of features"):
+        pf.frechet_distance(np.zeros((5, 2)), np.zeros((5, 3)))
+
+
+@pytest.fixture(scope="module", params=["data", "noise-conditional"])
+def saved_classifier(request, tmp_path_factory):
+    key = jax.random.key(7)
+    if request.param == "data":
+        clf = DataClassifier((3,), 4, width=8, depth=1, key=key)
+    else:
+        clf = NoiseConditionalClassifier((3,), 4, pf.SubVPSDE(beta_max=12.0), width=8, depth=1,
+                                         key=key)
+    path = tmp_path_factory.mktemp("clf") / "c.eqx"
+    save_classifier(path, clf, {"accuracy": 0.5, "data": "toy"})
+    return path, clf
+
+
+def test_classifiers_share_the_checkpoint_format(saved_classifier, tmp_path):
+    path, clf = saved_classifier
+    assert path.read_bytes().startswith(MAGIC)
+    header, _, _ = read_checkpoint(path)
+    assert header["kind"] == "classifier" and header["model"]["class"] == type(clf).__name__
+    clf2, info = load_classifier(path)
+    assert _same_tree(clf2, clf) and info == {"accuracy": 0.5, "data": "toy"}
+    assert clf2.sde == clf.sde
+    with pytest.raises(CheckpointError, match="not a score-model.*load_classifier"):
+        pf.load_checkpoint(path)
+    model_file = tmp_path / "m.eqx"
+    sde = pf.VPSDE()
+    pf.save_checkpoint(model_file, pf.models.MLP(2, sde=sde, width=4, depth=1,
+                                                 key=jax.random.key(0)), sde)
+    with pytest.raises(CheckpointError, match="not a classifier.*load_checkpoint"):
+        load_classifier(model_file)
+
+
+def test_every_header_bit_of_a_classifier_file(saved_classifier, tmp_path):
+    path, clf = saved_classifier
+    outcomes = flip_every_bit(
+        path, tmp_path, lambda p: load_classifier(p)[0],
+        lambda b, p: _load(b, p, CLASSIFIER, AbstractClassifier)[0],
+        lambda c: _same_tree(c, clf))
+    assert outcomes["error"] > 4000
+
+
+def test_train_classifier_runs_exactly_the_steps_asked_for(monkeypatch):
+    calls = []
+    schedule = optax.cosine_decay_schedule
+
+    def counting_schedule(*args, **kwargs):
+        inner = schedule(*args, **kwargs)
+
+        def lr(count):
+            jax.debug.callback(lambda c: calls.append(int(c)), count)
+            return inner(count)
+
+        return lr
+
+    monkeypatch.setattr(optax, "cosine_decay_schedule", counting_schedule)
+    x_int = jax.random.randint(jax.random.key(0), (64, 2), 0, 8)
+    labels = (x_int[:, 0] > 3).astype(jnp.int32)
+    monkeypatch.setattr(probflow._classifier, "_CHUNK", 4)  # whole chunks and a remainder
+    train_classifier(x_int, labels, num_bins=8, config=ClassifierConfig(steps=10, batch_size=8))
+    jax.effects_barrier()
+    assert sorted(calls) == list(range(10))  # one optimiser update per step, no more
+
+
+TRACES = []
+
+
+class CountingClassifier(AbstractClassifier):
+    """Counts how often it is traced (in TRACES)."""
+
+    shape: tuple[int, ...]
+    num_classes: int
+    sde: None
+    weight: jax.Array
+
+    def __init__(self):
+        self.shape, self.num_classes, self.sde = (2,), 3, None
+        self.weight = jnp.arange(6.0).reshape(2, 3)
+
+    @property
+    def hyperparameters(self):
+        return {}
+
+    def features(self, t, x):
+        TRACES.append(1)
+        return x @ self.weight
+
+    def __call__(self, t, x):
+        return self.features(t, x)
+
+
+def test_classify_compiles_once():
+    TRACES.clear()
+    clf = CountingClassifier()
+    x = jnp.array([[1.0, 0.0], [0.0, -1.0], [2.0, 2.0]])
+    for t in (0.0, 0.3, 0.5):
+        labels = classify(clf, x, t)
+    np.testing.assert_array_equal(np.asarray(labels), [2, 0, 2])
+    assert len(TRACES) == 1

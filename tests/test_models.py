@@ -100,3 +100,18 @@ def test_jvp_matches_finite_differences(small_unet):
     h = 1e-2
     fd = (f(x + h * v) - f(x - h * v)) / (2 * h)
     np.testing.assert_allclose(np.asarray(jv), np.asarray(fd), rtol=2e-2, atol=2e-2)
+
+
+def test_deep_unet_has_enough_keys():
+    """Issue 11: a fixed pool of 64 keys ran out (StopIteration) for deep or many-level nets."""
+    m = UNet((32, 32, 1), sde=pf.VPSDE(), channels=(4,) * 5, num_res_blocks=5, dropout=0.1,
+             key=jax.random.key(0))
+    blocks = [b for level in (*m.down, (m.mid[0], m.mid[2]), *m.up) for b in level]
+    assert len(blocks) == 5 * 5 + 2 + 5 * 6
+    # every block got its own initial weights (no key reused)
+    firsts = {float(b.conv1.weight.ravel()[0]) for b in blocks}
+    assert len(firsts) == len(blocks)
+    # the forward pass draws one dropout key per block (traced only: compiling it is slow)
+    out = eqx.filter_eval_shape(lambda m, x, k: m(0.3, x, key=k), m, jnp.zeros((32, 32, 1)),
+                                jax.random.key(2))
+    assert out.shape == (32, 32, 1)

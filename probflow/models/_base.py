@@ -20,6 +20,11 @@ class AbstractScoreModel(eqx.Module):
     p_0t(x_t | x_0) is -z / std(t), eq. 7) and is conditioned on log std(t), which resolves
     small times (t ~ 1e-5) that features of raw t cannot. c_in = 1 / sqrt(scale^2 sigma_data^2 +
     std^2) keeps the network's input at unit scale for every SDE (VE's std reaches 50).
+
+    Subclasses (users' own included) can be saved with `pf.save_checkpoint`: `hyperparameters`
+    are the JSON-serialisable constructor arguments besides `sde` and `key`, so that
+    `cls(**hyperparameters, sde=sde, key=key)` rebuilds the model; define the class at module
+    level and import its module before `pf.load_checkpoint`.
     """
 
     sde: eqx.AbstractVar[AbstractSDE]
@@ -33,7 +38,8 @@ class AbstractScoreModel(eqx.Module):
     @property
     @abc.abstractmethod
     def hyperparameters(self) -> dict:
-        """The constructor arguments (besides `sde` and `key`) that rebuild this model."""
+        """The constructor arguments (besides `sde` and `key`) that rebuild this model, as JSON
+        values (tuples as lists)."""
 
     def __call__(self, t: ArrayLike, x: ArrayLike, *, key: PRNGKeyArray | None = None) -> Array:
         x = jnp.asarray(x)

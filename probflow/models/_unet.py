@@ -167,6 +167,11 @@ class SelfAttention(eqx.Module):
         return (x + out) / math.sqrt(2.0)
 
 
+def _num_blocks(levels: int, num_res_blocks: int) -> int:
+    """Residual blocks in a UNet: down, the two in the middle, up (one more per level)."""
+    return levels * num_res_blocks + 2 + levels * (num_res_blocks + 1)
+
+
 class UNet(AbstractScoreModel):
     """Two resolution levels (e.g. 8x8 and 4x4), residual blocks, attention at the lowest one.
 
@@ -230,7 +235,10 @@ class UNet(AbstractScoreModel):
         self.sigma_data = float(sigma_data)
         self.layout = layout
 
-        keys = iter(jax.random.split(key, 64))
+        levels = len(channels)
+        # embedding (3), conv_in, blocks, down- and upsampling convs, attention, conv_out
+        n_keys = 4 + _num_blocks(levels, num_res_blocks) + 2 * (levels - 1) + 2
+        keys = iter(jax.random.split(key, n_keys))
         c0 = channels[0]
         emb_dim = 4 * c0
         self.embed = GaussianFourierFeatures(2 * c0, self.fourier_scale, key=next(keys))
@@ -290,7 +298,8 @@ class UNet(AbstractScoreModel):
         )
 
     def network(self, c_noise: Array, x: Array, *, key: PRNGKeyArray | None) -> Array:
-        keys = iter([None] * 64 if key is None else list(jax.random.split(key, 64)))
+        n = _num_blocks(len(self.channels), self.num_res_blocks)
+        keys = iter([None] * n if key is None else list(jax.random.split(key, n)))
         cat_axis = _channel_axis(self.layout)
         emb = self.embed(c_noise)
         emb = self.embed_mlp[1](jax.nn.silu(self.embed_mlp[0](emb)))
