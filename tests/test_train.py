@@ -120,3 +120,18 @@ def test_kill_9_leaves_a_loadable_checkpoint(tmp_path):
     model, sde, cfg = pf.load_checkpoint(out / "checkpoint.eqx")
     assert cfg["step"] % 3 == 0 and cfg["step"] > 0
     assert [p for p in os.listdir(out) if p.endswith(".eqx")] == ["checkpoint.eqx"]
+
+
+@pytest.mark.parametrize("warmup, lr0", [(5, 3e-3 / 5), (0, 3e-3), (1, 3e-3)])
+def test_first_step_moves_the_weights_at_the_warmup_rate(warmup, lr0):
+    # Warm-up step k (from 0) uses lr * min(1, (k + 1) / warmup): the first step is not wasted.
+    # Adam's first update is -lr0 * g / (|g| + 1e-8) per coordinate, so every weight with a
+    # non-negligible gradient moves by lr0 exactly.
+    model = tiny_model()
+    r = pf.train(model, SDE, DATA, config(steps=1, warmup=warmup, steps_per_call=1),
+                 progress=False)
+    moved = np.concatenate([np.abs(np.ravel(np.asarray(a) - np.asarray(b))) for a, b in
+                            zip(jax.tree.leaves(r.raw_model), jax.tree.leaves(model),
+                                strict=True)])
+    np.testing.assert_allclose(np.max(moved), lr0, rtol=1e-3)
+    assert np.median(moved) > 0.5 * lr0
