@@ -259,8 +259,8 @@ class DPMSolver(AbstractExponentialIntegrator):
     def _with(self, **kw):
         return DPMSolver(self.solver_order, self.schedule, **kw)
 
-    def count_evaluations(self, num_steps):
-        return self.solver_order * num_steps
+    def evaluation_costs(self):
+        return 0, self.solver_order, self.solver_order  # every attempt evaluates every stage
 
     def init(self, terms, t0, t1, y0, args):
         return None
@@ -369,8 +369,8 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     def _with(self, **kw):
         return DPMSolverMultistep(self.solver_order, self.schedule, self.lower_order_final, **kw)
 
-    def count_evaluations(self, num_steps):
-        return num_steps
+    def evaluation_costs(self):
+        return 0, 1, 1
 
     def init(self, terms, t0, t1, y0, args):
         x = y0[0] if isinstance(y0, tuple) else y0

@@ -1,44 +1,77 @@
 """Honest NFE: how many score-model evaluations a diffrax solve spent.
 
-diffrax reports solver steps, not evaluations. The count here follows diffrax's own
-implementation (verified against a host-side counter in the tests):
+diffrax reports solver steps, not evaluations. Each ODE solver's cost is stated here once, as
+evaluations (at initialisation, per attempt at the first step, per later attempt), following
+diffrax 0.7's own implementation (verified against a host-side counter in tests/test_nfe.py):
 
-- explicit Runge--Kutta with s stages: s evaluations per attempted step (accepted or rejected);
-  first-same-as-last (FSAL) tableaus reuse the last stage, so s - 1 on every step after the first;
+- explicit Runge--Kutta with s stages: s evaluations per attempted step (accepted or rejected).
+  First-same-as-last (FSAL) tableaus reuse the last stage of the previous accepted step, so s - 1
+  per attempt once a step has been accepted; until then every attempt pays all s (diffrax keeps
+  the solver state, which holds the FSAL value, only when a step is accepted);
 - Euler and LeapfrogMidpoint: 1 per step; ReversibleHeun: 1 per step plus 1 at initialisation;
+- `diffrax.HalfSolver(solver)`: per attempt, a full step and a first half step from the same
+  solver state, and a second half step from the first half step's state;
 - adaptive solves: 2 more evaluations for the initial step-size selection (Hairer, Norsett &
   Wanner, II.4), which probflow performs itself (`_ode.select_initial_step`).
+
+The attempts at the first step are counted by `FirstStepCountingController`, whose state, unlike
+the solver's, survives rejected steps.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, ArrayLike, Int
+
+# (at initialisation, per attempt before the first accepted step, per later attempt)
+Costs = tuple[int, int, int]
 
 
 class AbstractCountedSolver(eqx.Module):
-    """A probflow solver that states its own evaluation count (mixed into diffrax solvers)."""
+    """A probflow solver that states its own evaluation costs (mixed into diffrax solvers)."""
 
     @abc.abstractmethod
-    def count_evaluations(self, num_steps: Int[Array, ""]) -> Int[Array, ""]:
-        """Score evaluations of a solve with `num_steps` steps (no step-size selection)."""
+    def evaluation_costs(self) -> Costs:
+        """Score evaluations (at initialisation, per attempt at the first step, per later
+        attempt), without the step-size selection."""
 
 
 _SUPPORTED = (
     "explicit Runge-Kutta solvers (Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, "
-    "Dopri8), ReversibleHeun, LeapfrogMidpoint and probflow's DPMSolver/DPMSolverMultistep"
+    "Dopri8), ReversibleHeun, LeapfrogMidpoint, diffrax.HalfSolver of any of these, and "
+    "probflow's DPMSolver/DPMSolverMultistep"
 )
 
 
-def _per_step(solver) -> tuple[int, int, int]:
-    """(evaluations at init, on the first step, on every later step)."""
-    if isinstance(solver, diffrax.Euler):
-        return 0, 1, 1
-    if isinstance(solver, diffrax.LeapfrogMidpoint):
+def solver_costs(solver) -> Costs:
+    """(evaluations at init, per attempt at the first step, per later attempt) of `solver`."""
+    if isinstance(solver, AbstractCountedSolver):
+        return solver.evaluation_costs()
+    # First: diffrax's isinstance sees through wrapped solvers (HalfSolver(Euler()) "is" Euler).
+    if isinstance(solver, diffrax.HalfSolver):
+        if isinstance(solver.solver, AbstractCountedSolver):
+            raise ValueError(
+                f"solver=HalfSolver({type(solver.solver).__name__}(...)) is not supported: "
+                "probflow's exponential integrators are bound to the SDE by probflow and carry "
+                "their own error estimate; pass steps=None with pf.DPMSolver(order=2) or "
+                "pf.DPMSolver(order=3) instead"
+            )
+        try:
+            init, first, later = solver_costs(solver.solver)
+        except ValueError:
+            raise ValueError(
+                f"solver=HalfSolver({type(solver.solver).__name__}) is not supported: probflow "
+                f"counts score evaluations exactly and knows how for {_SUPPORTED}"
+            ) from None
+        # The full step and the first half step start from the step's solver state; the second
+        # half step from the first half step's (after which FSAL is available).
+        return init, 2 * first + later, 3 * later
+    if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
         return 0, 1, 1
     if isinstance(solver, diffrax.ReversibleHeun):
         return 1, 1, 1
@@ -55,21 +88,65 @@ def _per_step(solver) -> tuple[int, int, int]:
 
 def check_ode_solver(solver) -> None:
     """Raise a clear error for solvers whose evaluations cannot be counted."""
-    if isinstance(solver, AbstractCountedSolver):
-        return
-    if not isinstance(solver, diffrax.AbstractSolver):
+    if not isinstance(solver, (diffrax.AbstractSolver, AbstractCountedSolver)):
         raise ValueError(f"solver must be a diffrax solver, got {type(solver).__name__}")
-    _per_step(solver)
+    solver_costs(solver)
 
 
-def count_evaluations(solver, num_steps: Array, *, adaptive: bool) -> Array:
-    """Score-model evaluations of one solve that attempted `num_steps` steps."""
+def count_evaluations(
+    solver, num_steps: ArrayLike, first_step_attempts: ArrayLike, *, adaptive: bool
+) -> Array:
+    """Score-model evaluations of one solve that attempted `num_steps` steps, of which the
+    first `first_step_attempts` were attempts at the first step (the rejected ones and the
+    accepted one; 1 for a fixed-step solve, see `FirstStepCountingController`)."""
     num_steps = jnp.asarray(num_steps, jnp.int32)
-    if isinstance(solver, AbstractCountedSolver):
-        nfe = solver.count_evaluations(num_steps)
-    else:
-        init, first, later = _per_step(solver)
-        nfe = init + jnp.where(num_steps > 0, first + (num_steps - 1) * later, 0)
+    first = jnp.clip(jnp.asarray(first_step_attempts, jnp.int32), 0, num_steps)
+    init, on_first, later = solver_costs(solver)
+    nfe = init + on_first * first + later * (num_steps - first)
     if adaptive:
         nfe = nfe + 2
     return nfe.astype(jnp.int32)
+
+
+class FirstStepCountingController(diffrax.AbstractAdaptiveStepSizeController):
+    """An adaptive step-size controller that also counts the attempts at the first step.
+
+    diffrax keeps the solver state (with FSAL's first-step flag) only on accepted steps, so a
+    retried first step pays every stage again; the controller state is kept on every attempt, so
+    it can count them. State: (inner state, accepted yet, attempts up to the first acceptance).
+    """
+
+    controller: diffrax.AbstractAdaptiveStepSizeController
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self) -> Callable:
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return FirstStepCountingController(self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        tnext, state = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        return tnext, (state, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
+        inner, accepted, attempts = state
+        keep, tprev, tnext, made_jump, inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner
+        )
+        attempts = attempts + jnp.where(accepted, 0, 1).astype(jnp.int32)
+        accepted = accepted | jnp.asarray(keep)
+        return keep, tprev, tnext, made_jump, (inner, accepted, attempts), result
+
+
+def first_step_attempts(controller_state) -> Int[Array, ""]:
+    """The attempts at the first step recorded in a `FirstStepCountingController`'s state."""
+    return controller_state[2]

@@ -24,7 +24,12 @@ from ._dpm import (
     check_time,
     log_snr_of,
 )
-from ._nfe import check_ode_solver, count_evaluations
+from ._nfe import (
+    FirstStepCountingController,
+    check_ode_solver,
+    count_evaluations,
+    first_step_attempts,
+)
 from ._results import (
     BitsPerDimResult,
     DecodeResult,
@@ -158,6 +163,8 @@ def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptio
 
 
 def _has_error_estimate(solver) -> bool:
+    if isinstance(solver, diffrax.HalfSolver):  # first: isinstance sees through wrappers
+        return True
     if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
         return False
     if isinstance(solver, diffrax.AbstractRungeKutta):
@@ -169,7 +176,7 @@ def _has_error_estimate(solver) -> bool:
 
 def _error_order(solver, term) -> float:
     try:
-        order = solver.order(term)
+        order = solver.error_order(term)  # as diffrax would use it (HalfSolver: order + 1)
     except Exception:  # solvers without a stated order
         order = None
     return 2.0 if order is None else float(order)
@@ -238,7 +245,10 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
         solver = solver.bind(sde, opts.time, opts.steps)
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
-        controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
+        controller = FirstStepCountingController(
+            diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        )
         dt0 = select_initial_step(vector_field, y0, t0, t1, opts, _error_order(solver, term))
     else:
         controller = diffrax.StepTo(ts=ts)
@@ -250,14 +260,16 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
         t1=jnp.asarray(t1, dtype),
         dt0=dt0,
         y0=y0,
-        saveat=diffrax.SaveAt(t1=True),
+        saveat=diffrax.SaveAt(t1=True, controller_state=opts.adaptive),
         stepsize_controller=controller,
         max_steps=opts.max_steps,
         throw=False,
     )
     y1 = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
     num_steps = sol.stats["num_steps"]
-    nfe = count_evaluations(opts.solver, num_steps, adaptive=opts.adaptive)
+    # StepTo accepts every step: one attempt at the first.
+    first = first_step_attempts(sol.controller_state) if opts.adaptive else 1
+    nfe = count_evaluations(opts.solver, num_steps, first, adaptive=opts.adaptive)
     y1 = eqx.error_if(
         y1,
         sol.result == diffrax.RESULTS.max_steps_reached,

@@ -68,7 +68,10 @@ class ReverseSDEDiffusion(eqx.Module):
 
 
 # Score evaluations per step of each supported solver: (at initialisation, per step). Measured
-# against a host-side counter (tests/test_samplers.py); the diffusion term never calls the model.
+# against a host-side counter (tests/test_samplers.py, tests/test_nfe.py); the diffusion term never
+# calls the model. None of these solvers carries an evaluation from one step to the next (no FSAL
+# tableau), so every attempted step, rejected or accepted, first or later, costs the same: unlike
+# the ODE solvers (`_nfe.solver_costs`), the count needs no first-step correction.
 _SDE_SOLVER_COST: dict[type, tuple[int, int]] = {
     diffrax.Euler: (0, 1),
     diffrax.EulerHeun: (0, 1),

@@ -4,11 +4,11 @@ float64 tight-tolerance re-solves and a host-side evaluation counter."""
 import math
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import Counting, host_count
 
 import probflow as pf
 from probflow._dpm import schedule_times
@@ -99,21 +99,6 @@ def test_closed_form_single_gaussian(sde):
         assert float(jnp.abs(z - z_true).max()) < 3e-3 * float(jnp.abs(z_true).max())
 
 
-class _Counting(eqx.Module):
-    inner: eqx.Module
-
-    def __call__(self, t, x):
-        jax.debug.callback(_bump)
-        return self.inner(t, x)
-
-
-_COUNT = [0]
-
-
-def _bump():
-    _COUNT[0] += 1
-
-
 COUNTED = [
     (pf.DPMSolver(1), 7, "t", ("likelihood",)),
     (pf.DPMSolver(2), None, "t", ("encode",)),
@@ -133,7 +118,7 @@ COUNTED = [
 def test_nfe_matches_host_counter(solver, steps, time, runs):
     gm = pf.GaussianMixture(**MIXTURE)
     sde = pf.VPSDE()
-    model = _Counting(gm.score_model(sde))
+    model = Counting(gm.score_model(sde))
     x = gm.sample(jax.random.key(0), 1)
     opts = dict(solver=solver, steps=steps, time=time, rtol=1e-4, atol=1e-4)
     run = dict(
@@ -143,9 +128,8 @@ def test_nfe_matches_host_counter(solver, steps, time, runs):
         sample=lambda: pf.sample_ode(model, sde, 1, (2,), key=jax.random.key(2), **opts),
     )
     for name in runs:
-        _COUNT[0] = 0
-        r = jax.block_until_ready(run[name]())
-        assert int(r.nfe[0]) == _COUNT[0], name
+        count, r = host_count(run[name])
+        assert int(r.nfe[0]) == count, name
         if steps is not None:
             assert int(r.num_steps[0]) == steps
             k = solver.solver_order if isinstance(solver, pf.DPMSolver) else 1

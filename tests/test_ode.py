@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.stats
+from helpers import Counting, host_count
 
 import probflow as pf
 
@@ -171,21 +172,6 @@ def test_sample_ode_moments(mixture2d, sde):
     assert abs(first(xs) - first(ref)) < 0.035
 
 
-class _Counting(eqx.Module):
-    inner: eqx.Module
-
-    def __call__(self, t, x):
-        jax.debug.callback(_bump)
-        return self.inner(t, x)
-
-
-_COUNT = [0]
-
-
-def _bump():
-    _COUNT[0] += 1
-
-
 SOLVERS = [
     (diffrax.Euler(), 9),
     (diffrax.Heun(), None),
@@ -206,7 +192,7 @@ SOLVERS = [
 )
 def test_nfe_matches_host_counter(mixture2d, solver, steps):
     sde = pf.VPSDE()
-    model = _Counting(mixture2d.score_model(sde))
+    model = Counting(mixture2d.score_model(sde))
     x = mixture2d.sample(jax.random.key(0), 1)
     opts = dict(solver=solver, steps=steps, rtol=1e-4, atol=1e-4)
     for run in (
@@ -214,9 +200,8 @@ def test_nfe_matches_host_counter(mixture2d, solver, steps):
         lambda: pf.decode(model, sde, x, **opts),
         lambda: pf.log_likelihood(model, sde, x, key=jax.random.key(1), **opts),
     ):
-        _COUNT[0] = 0
-        r = jax.block_until_ready(run())
-        assert int(r.nfe[0]) == _COUNT[0]
+        count, r = host_count(run)
+        assert int(r.nfe[0]) == count
         assert int(r.nfe[0]) > int(r.num_steps[0]) or isinstance(
             solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)
         )
@@ -225,11 +210,10 @@ def test_nfe_matches_host_counter(mixture2d, solver, steps):
 def test_nfe_counts_rejected_steps(mixture2d):
     """A loose first step forces rejections; they are paid for in nfe."""
     sde = pf.VESDE()
-    model = _Counting(mixture2d.score_model(sde))
+    model = Counting(mixture2d.score_model(sde))
     x = mixture2d.sample(jax.random.key(0), 1)
-    _COUNT[0] = 0
-    r = jax.block_until_ready(pf.encode(model, sde, x, rtol=1e-7, atol=1e-7))
-    assert int(r.nfe[0]) == _COUNT[0]
+    count, r = host_count(lambda: pf.encode(model, sde, x, rtol=1e-7, atol=1e-7))
+    assert int(r.nfe[0]) == count
     # Tsit5 with FSAL: 2 (initial step) + 7 + 6 (steps - 1); any mismatch means a miscount.
     assert int(r.nfe[0]) == 2 + 7 + 6 * (int(r.num_steps[0]) - 1)
 
@@ -322,11 +306,11 @@ def test_bad_input(mixture2d):
 def test_sqrt_time_change_is_exact(mixture2d):
     """Solving in u = sqrt(t) changes the steps, not the answer."""
     sde = pf.VPSDE()
-    model = _Counting(mixture2d.score_model(sde))
+    model = Counting(mixture2d.score_model(sde))
     x = mixture2d.sample(jax.random.key(0), 4)
-    _COUNT[0] = 0
-    r = pf.log_likelihood(model, sde, x[:1], trace="exact", time="sqrt_t")
-    assert int(r.nfe[0]) == _COUNT[0]
+    count, r = host_count(lambda: pf.log_likelihood(model, sde, x[:1], trace="exact",
+                                                    time="sqrt_t"))
+    assert int(r.nfe[0]) == count
     r = pf.log_likelihood(model, sde, x, trace="exact", time="sqrt_t")
     est, ref = _closed_form_check(mixture2d, sde, model, x, r)
     np.testing.assert_allclose(est, ref, atol=3e-3)

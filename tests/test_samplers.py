@@ -7,12 +7,12 @@ Independent references: exact scores and exact samples of a 2-d Gaussian mixture
 import math
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ALL_SDES, SDE_IDS
+from helpers import Counting, host_count
 
 import probflow as pf
 from probflow._pc import _sample_pc
@@ -58,31 +58,6 @@ def assert_matches_mixture(x, mixture, exact):
     np.testing.assert_allclose(post.mean(0), w, atol=0.035)
     sw = float(pf.sliced_wasserstein(x, ref, key=SW_KEY, num_projections=SW_PROJ))
     assert sw <= 2.5 * floor, f"sliced Wasserstein {sw:.4f} > 2.5 x noise floor {floor:.4f}"
-
-
-class Counted(eqx.Module):
-    """A model that bumps a host-side counter on every evaluation (for batch size 1)."""
-
-    model: eqx.Module
-
-    def __call__(self, t, x):
-        jax.debug.callback(_bump)
-        return self.model(t, x)
-
-
-_COUNT = [0]
-
-
-def _bump():
-    _COUNT[0] += 1
-
-
-def host_count(fn):
-    _COUNT[0] = 0
-    r = fn()
-    jax.block_until_ready(r.x)
-    jax.effects_barrier()
-    return _COUNT[0], r
 
 
 # --------------------------------------------------------------------------- metric
@@ -296,7 +271,7 @@ def test_sample_sde_same_key_same_samples(mixture2d):
 )
 def test_pc_nfe_host_counter(mixture2d, predictor, corrector, denoise, expected):
     sde = pf.VPSDE()
-    model = Counted(mixture2d.score_model(sde))
+    model = Counting(mixture2d.score_model(sde))
     count, r = host_count(lambda: pf.sample_pc(
         model, sde, 1, (2,), key=jax.random.key(0), steps=7, predictor=predictor,
         corrector=corrector, denoise=denoise))
@@ -323,7 +298,7 @@ SDE_SOLVERS = [
     type(v), "__name__", str(v)))
 def test_sample_sde_nfe_host_counter(mixture2d, solver, steps):
     sde = pf.VPSDE()
-    model = Counted(mixture2d.score_model(sde))
+    model = Counting(mixture2d.score_model(sde))
     count, r = host_count(lambda: pf.sample_sde(
         model, sde, 1, (2,), key=jax.random.key(0), solver=solver, steps=steps,
         rtol=1e-2, atol=1e-2))

@@ -1,0 +1,46 @@
+"""Shared test helpers (tests/ is on sys.path under pytest's default rootdir-based imports)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+
+_COUNT = [0]
+
+
+def _bump():
+    _COUNT[0] += 1
+
+
+class Counting(eqx.Module):
+    """A score model that bumps a host-side counter on every evaluation.
+
+    The callback takes no batched argument, so under `jax.vmap` it fires once per evaluation of
+    the whole batch: count single examples (batch size 1), or compare a batch example by example
+    with its solo solves (vmapped solves run in lock-step until the slowest example finishes).
+    """
+
+    model: Callable
+
+    def __call__(self, t, x):
+        jax.debug.callback(_bump)
+        return self.model(t, x)
+
+
+def reset_count() -> None:
+    _COUNT[0] = 0
+
+
+def count() -> int:
+    """Evaluations since the last `reset_count` (after every pending callback has run)."""
+    jax.effects_barrier()
+    return _COUNT[0]
+
+
+def host_count(fn: Callable, *args):
+    """(host-side evaluations, result) of `fn(*args)`, one solve of a `Counting` model."""
+    reset_count()
+    r = jax.block_until_ready(fn(*args))
+    return count(), r
