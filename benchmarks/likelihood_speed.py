@@ -16,13 +16,14 @@ network:
 Setup: 64-d data (a fixed Gaussian-mixture sample, batch 128), an MLP score network with three
 hidden layers of 256 (SiLU), input [x, log std(t)], parametrised like the paper's continuous VP
 models, score = -net(x, t) / std(t), with random but fixed weights (no training needed); VP SDE,
-one Gaussian probe per example (the same probe in every method), rtol = atol = 1e-5, eps = 1e-5,
+one Rademacher probe per example (the same probe in every method), rtol = atol = 1e-5, eps = 1e-5,
 float32. Every method is timed after a warm-up call; the methods are timed in interleaved rounds
 (one call of each per round, so background load hits all alike) and the median is reported.
 
 All methods estimate the same quantity: div F = D f(t) - 1/2 g(t)^2 eps^T (d score / dx) eps, the
-linear drift's divergence exact (as probflow does) and Hutchinson's estimate for the score part,
-so with the same probe the log-likelihoods agree up to solver error.
+linear drift's divergence exact and Hutchinson's estimate for the score part (with Rademacher
+probes this equals Hutchinson on the whole drift, as probflow computes it), so with the same
+probe the log-likelihoods agree up to solver error.
 
 Run:  python benchmarks/likelihood_speed.py [--quick] [--json PATH]
 """
@@ -107,9 +108,9 @@ class MLPScore(eqx.Module):
 
 
 def probflow_probes(key, batch: int) -> np.ndarray:
-    """The Gaussian probes probflow draws for `key` (one per example), for the baselines."""
+    """The Rademacher probes probflow draws for `key` (one per example), for the baselines."""
     keys = jax.random.split(key, batch)
-    draw = jax.vmap(lambda k: jax.random.normal(k, (1, DIM), jnp.float32)[0])
+    draw = jax.vmap(lambda k: jax.random.rademacher(k, (1, DIM), jnp.float32)[0])
     return np.asarray(draw(keys))
 
 
@@ -157,7 +158,7 @@ def probflow_method(model, sde, x, key, *, solver, divergence_mode):
 
     def run():
         r = pf.log_likelihood(
-            model, sde, xj, key=key, trace="gaussian", num_probes=1, eps=EPS, solver=solver,
+            model, sde, xj, key=key, trace="rademacher", num_probes=1, eps=EPS, solver=solver,
             rtol=RTOL, atol=ATOL, divergence_mode=divergence_mode,
         )
         jax.block_until_ready(r.logp)
@@ -355,7 +356,8 @@ def main(argv=None):
     x = make_data(batch)
     key = jax.random.key(SEED)
     probes = probflow_probes(key, batch)
-    print(f"likelihood speed: batch {batch}, {DIM}-d, MLP 3x{HIDDEN} SiLU, VP SDE, Gaussian probe, "
+    print(f"likelihood speed: batch {batch}, {DIM}-d, MLP 3x{HIDDEN} SiLU, VP SDE, Rademacher "
+          "probe, "
           f"rtol=atol={RTOL}, eps={EPS}, float32, {jax.default_backend()}, "
           f"{os.cpu_count()} CPU(s); median of {repeats} interleaved rounds after warm-up",
           flush=True)
@@ -439,8 +441,9 @@ def main(argv=None):
         "NFE per example; the loop runs the batched\nbody as often as the slowest example needs). "
         "(b) and (c) solve the whole batch jointly, one step size and one error norm for\nthe "
         "batch, so their NFE is the count of batched evaluations. (d) runs (a)'s max per-example "
-        "NFE batched evaluations of the same\nvector field with no solver logic. The same Gaussian "
-        "probe per example everywhere; per evaluation (b) spends a drift pass plus a\nseparate "
+        "NFE batched evaluations of the same\nvector field with no solver logic. The same "
+        "Rademacher probe per example everywhere; per evaluation (b) spends a drift pass plus "
+        "a\nseparate "
         "forward+backward pass (3 network passes), (c) a forward+backward, (a) and (d) one JVP, "
         "(a') and (d') one VJP."
     )
@@ -452,7 +455,7 @@ def main(argv=None):
         out = dict(
             config=dict(batch=batch, dim=DIM, hidden=HIDDEN, depth=DEPTH, eps=EPS, rtol=RTOL,
                         atol=ATOL, repeats=repeats, quick=args.quick, sde="VPSDE()",
-                        probe="gaussian, 1 per example", dtype="float32"),
+                        probe="rademacher, 1 per example", dtype="float32"),
             environment=dict(python=sys.version.split()[0], jax=jax.__version__,
                              diffrax=importlib.metadata.version("diffrax"),
                              torch=_version("torch"), scipy=_version("scipy"),

@@ -23,6 +23,12 @@ from ._curves import likelihood_curve as likelihood_curve
 from ._curves import nfe_curve as nfe_curve
 from ._curves import plot_nfe_curve as plot_nfe_curve
 from ._curves import save_image_grid as save_image_grid
+from ._divergence import AbstractTraceEstimator as AbstractTraceEstimator
+from ._divergence import AugmentedProbabilityFlowODE as AugmentedProbabilityFlowODE
+from ._divergence import ExactTrace as ExactTrace
+from ._divergence import GaussianControlVariate as GaussianControlVariate
+from ._divergence import GaussianTrace as GaussianTrace
+from ._divergence import RademacherTrace as RademacherTrace
 from ._dpm import AbstractExponentialIntegrator as AbstractExponentialIntegrator
 from ._dpm import DPMSolver as DPMSolver
 from ._dpm import DPMSolverMultistep as DPMSolverMultistep
@@ -35,7 +41,6 @@ from ._mixture import MixtureClassifier as MixtureClassifier
 from ._mixture import MixtureScore as MixtureScore
 from ._nfe import AbstractCountedSolver as AbstractCountedSolver
 from ._nfe import count_evaluations as count_evaluations
-from ._ode import AugmentedProbabilityFlowODE as AugmentedProbabilityFlowODE
 from ._ode import ODEOptions as ODEOptions
 from ._ode import ProbabilityFlowODE as ProbabilityFlowODE
 from ._ode import bits_per_dim as bits_per_dim
@@ -55,10 +60,12 @@ from ._pc import ReverseDiffusionPredictor as ReverseDiffusionPredictor
 from ._pc import sample_pc as sample_pc
 from ._pretrained import load_pretrained as load_pretrained
 from ._results import BitsPerDimResult as BitsPerDimResult
+from ._results import BitsPerDimSummary as BitsPerDimSummary
 from ._results import DecodeResult as DecodeResult
 from ._results import EncodeResult as EncodeResult
 from ._results import LikelihoodResult as LikelihoodResult
 from ._results import SampleResult as SampleResult
+from ._results import summarize_bits_per_dim as summarize_bits_per_dim
 from ._reverse_sde import sample_sde as sample_sde
 from ._sde import VESDE as VESDE
 from ._sde import VPSDE as VPSDE

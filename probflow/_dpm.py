@@ -376,7 +376,9 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
         x = y0[0] if isinstance(y0, tuple) else y0
         dtype = x.dtype
         hist = jnp.zeros((2,) + x.shape, dtype)
-        return hist, jnp.zeros((2,), dtype), jnp.zeros((2,), dtype), jnp.zeros((), jnp.int32)
+        q_shape = jnp.shape(y0[1]) if isinstance(y0, tuple) else ()  # delta: one per probe
+        q_hist = jnp.zeros((2,) + q_shape, dtype)
+        return hist, q_hist, jnp.zeros((2,), dtype), jnp.zeros((), jnp.int32)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump

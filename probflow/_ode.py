@@ -17,6 +17,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
+from ._divergence import (
+    DIVERGENCE_MODES,
+    AbstractTraceEstimator,
+    AugmentedProbabilityFlowODE,
+    ExactTrace,
+    GaussianControlVariate,
+    make_trace_estimator,
+)
 from ._dpm import (
     AbstractExponentialIntegrator,
     LogSNRTimeODE,
@@ -49,8 +57,7 @@ from ._validate import (
     error_if_nonfinite,
 )
 
-_TRACES = ("gaussian", "rademacher", "exact")
-_DIVERGENCE_MODES = ("jvp", "vjp")
+_DIVERGENCE_MODES = DIVERGENCE_MODES
 
 
 class ProbabilityFlowODE(eqx.Module):
@@ -64,46 +71,6 @@ class ProbabilityFlowODE(eqx.Module):
         g2 = self.sde.diffusion(t) ** 2
         out = self.sde.drift_coef(t) * y - 0.5 * g2 * self.model(t, y)
         return out.astype(y.dtype)
-
-
-class AugmentedProbabilityFlowODE(eqx.Module):
-    """The probability-flow ODE with d/dt of int div F (appendix D), from one JVP or VJP.
-
-    State `(x, delta)`. The drift is linear, so div F = D f(t) - 1/2 g(t)^2 div score exactly; only
-    div score is estimated (Hutchinson) or computed exactly (`probes=None`), which removes the
-    estimator variance the linear part would otherwise add.
-    """
-
-    model: Callable
-    sde: AbstractSDE
-    probes: Array | None  # [P, *shape] fixed probes for this solve; None: the exact trace
-    divergence_mode: str = "jvp"
-
-    def __call__(self, t, y, args):
-        del args
-        x, _ = y
-        fn = lambda xi: self.model(t, xi)
-        if self.probes is None:
-            # Exact trace: the diagonal of the Jacobian from one linearisation, pushed along
-            # every basis vector.
-            score, lin = jax.linearize(fn, x)
-            basis = jnp.eye(x.size, dtype=x.dtype).reshape((x.size,) + x.shape)
-            trace = jnp.sum(basis * jax.vmap(lin)(basis))
-        elif self.divergence_mode == "vjp":
-            score, vjp_fn = jax.vjp(fn, x)
-            vjps = jax.vmap(lambda v: vjp_fn(v)[0])(self.probes)
-            trace = jnp.sum(self.probes * vjps) / self.probes.shape[0]
-        elif self.probes.shape[0] == 1:
-            score, jv = jax.jvp(fn, (x,), (self.probes[0],))
-            trace = jnp.sum(self.probes[0] * jv)
-        else:
-            score, lin = jax.linearize(fn, x)
-            trace = jnp.sum(self.probes * jax.vmap(lin)(self.probes)) / self.probes.shape[0]
-        f = self.sde.drift_coef(t)
-        g2 = self.sde.diffusion(t) ** 2
-        dx = (f * x - 0.5 * g2 * score).astype(x.dtype)  # eq. (13)
-        div = (f * x.size - 0.5 * g2 * trace).astype(x.dtype)
-        return dx, div
 
 
 class ODEOptions(eqx.Module):
@@ -395,23 +362,16 @@ def sample_ode(
 # --------------------------------------------------------------------------- likelihoods
 
 
-def _draw_probes(key, trace: str, num_probes: int, shape, dtype) -> Array:
-    if trace == "gaussian":
-        return jax.random.normal(key, (num_probes,) + shape, dtype)
-    return jax.random.rademacher(key, (num_probes,) + shape, dtype)
-
-
 @eqx.filter_jit
-def _log_likelihood(model, sde, x, keys, eps, opts, trace, num_probes, divergence_mode):
+def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
     check_model(model, x.shape[1:], x.dtype)
     x = error_if_nonfinite(x, "x")
 
     def one(xi, key):
-        probes = None
-        if trace != "exact":
-            probes = _draw_probes(key, trace, num_probes, xi.shape, xi.dtype)
-        vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode)
-        y0 = (xi, jnp.zeros((), xi.dtype))
+        probes = estimator.draw(key, xi.shape, xi.dtype)
+        vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode, estimator)
+        # One divergence integral per probe, all from the same linearisations of the model.
+        y0 = (xi, jnp.zeros((estimator.num_probes,), xi.dtype))
         (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts)
         # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D)
         return sde.prior_logp(z) + delta, z, nfe, num_steps
@@ -419,17 +379,24 @@ def _log_likelihood(model, sde, x, keys, eps, opts, trace, num_probes, divergenc
     return jax.vmap(one)(x, keys)
 
 
-def _check_likelihood_options(trace, num_probes, key, divergence_mode):
-    if trace not in _TRACES:
-        raise ValueError(f"trace must be one of {_TRACES}, got {trace!r}")
-    num_probes = check_positive_int(num_probes, "num_probes")
+def _check_likelihood_options(trace, num_probes, key, divergence_mode, control_variate, x):
+    """The estimator object for the public options (strings become objects here, once)."""
+    if not isinstance(trace, AbstractTraceEstimator):
+        num_probes = check_positive_int(num_probes, "num_probes")
+    estimator = make_trace_estimator(trace, num_probes, control_variate)
     if divergence_mode not in _DIVERGENCE_MODES:
         raise ValueError(
             f"divergence_mode must be one of {_DIVERGENCE_MODES}, got {divergence_mode!r}"
         )
-    if key is None and trace != "exact":
+    if key is None and not isinstance(estimator, ExactTrace):
         raise ValueError(f"key is required for trace={trace!r} (it draws the Hutchinson probes)")
-    return num_probes
+    cv = getattr(estimator, "control_variate", None)
+    if isinstance(cv, GaussianControlVariate) and cv.variance.shape != x.shape[1:]:
+        raise ValueError(
+            f"control_variate.variance must have the example's shape {x.shape[1:]}, got "
+            f"{cv.variance.shape}"
+        )
+    return estimator
 
 
 def log_likelihood(
@@ -438,8 +405,9 @@ def log_likelihood(
     x: ArrayLike,
     *,
     key: PRNGKeyArray | None = None,
-    trace: str = "gaussian",
+    trace: str | AbstractTraceEstimator = "rademacher",
     num_probes: int = 1,
+    control_variate: GaussianControlVariate | None = None,
     eps: float = 1e-5,
     solver: diffrax.AbstractSolver | None = None,
     rtol: float = 1e-5,
@@ -452,21 +420,32 @@ def log_likelihood(
     """log p_eps(x) in nats for a batch, by the ODE augmented with the divergence (appendix D).
 
     log p_eps(x) = sde.prior_logp(z) + int_eps^T div F(x(t), t) dt with z = x(T). The divergence is
-    exact (`trace="exact"`, one JVP per dimension) or Hutchinson's estimate with `num_probes`
-    Gaussian or Rademacher probes, fixed for the whole solve and independent per example.
-    `time="log_snr"` solves in lambda-time; the exponential integrators (`pf.DPMSolver`,
-    `pf.DPMSolverMultistep`) integrate the divergence alongside x (see `_dpm.py`).
+    exact (`trace="exact"`, one push per dimension) or Hutchinson's estimate with `num_probes`
+    probes, fixed for the whole solve and independent per example: `"rademacher"` (the default,
+    the least noisy) or `"gaussian"` (on the whole drift's Jacobian, as the paper's code;
+    `control_variate=pf.GaussianControlVariate.fit(data)` removes most of its extra noise). `trace`
+    may also be an estimator object (`pf.RademacherTrace(num_probes)`, `pf.GaussianTrace`,
+    `pf.ExactTrace()`). Each probe gets its own divergence integral from the same model
+    evaluations: `r.logp_probes` [B, P], `r.logp` their mean, and the spread between them
+    estimates the probe noise (`pf.summarize_bits_per_dim`). `time="log_snr"` solves in
+    lambda-time; the exponential integrators (`pf.DPMSolver`, `pf.DPMSolverMultistep`) integrate
+    the divergence alongside x (see `_dpm.py`).
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
-    num_probes = _check_likelihood_options(trace, num_probes, key, divergence_mode)
+    estimator = _check_likelihood_options(
+        trace, num_probes, key, divergence_mode, control_variate, x
+    )
     opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
     keys = jax.random.split(key, x.shape[0])
-    logp, z, nfe, num_steps = _log_likelihood(
-        model, sde, x, keys, eps, opts, trace, num_probes, divergence_mode
+    logp_probes, z, nfe, num_steps = _log_likelihood(
+        model, sde, x, keys, eps, opts, estimator, divergence_mode
     )
-    return LikelihoodResult(logp=logp, z=z, nfe=nfe, num_steps=num_steps)
+    return LikelihoodResult(
+        logp=jnp.mean(logp_probes, axis=1), z=z, nfe=nfe, num_steps=num_steps,
+        logp_probes=logp_probes, exact_trace=isinstance(estimator, ExactTrace),
+    )
 
 
 @eqx.filter_jit
@@ -505,7 +484,11 @@ def bits_per_dim(
         bpd = -(log p(x) + D log((hi - lo) / num_bins)) / (D log 2),
 
     the negative log-likelihood of y / num_bins on [0, 1]^D in bits per dimension, an upper bound on
-    the discrete data's code length (Theis et al. 2016).
+    the discrete data's code length (Theis et al. 2016). `likelihood_options` go to
+    `log_likelihood` (`trace="rademacher"` by default, `num_probes`, solver options). `r.bpd_probes`
+    [B, P] holds one value per probe; `pf.summarize_bits_per_dim(r)` (or a list of results with
+    fresh `key`s, for repeated dequantization) gives the data set's mean, its standard error, and
+    the spread between images and the probe noise separately.
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
@@ -537,4 +520,8 @@ def bits_per_dim(
     r = log_likelihood(model, sde, x, key=k_probe, eps=eps, **likelihood_options)
     d = math.prod(x.shape[1:])
     bpd = -(r.logp + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))
-    return BitsPerDimResult(bpd=bpd, logp=r.logp, z=r.z, nfe=r.nfe, num_steps=r.num_steps)
+    bpd_probes = -(r.logp_probes + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))
+    return BitsPerDimResult(
+        bpd=bpd, logp=r.logp, z=r.z, nfe=r.nfe, num_steps=r.num_steps, bpd_probes=bpd_probes,
+        exact_trace=r.exact_trace,
+    )
