@@ -12,6 +12,12 @@ Workloads: an MLP (width 256, depth 3) on toy:two-moons, batch 512, 50 steps per
 the digits U-Net (channels 32,64, the shipped models' size) on digits, batch 64, 1 step per call.
 
 Run:  python benchmarks/multidevice.py [--devices 2] [--quick] [--json PATH]
+
+`--processes N` instead compares 1 and N *processes* (jax.distributed on 127.0.0.1, gloo CPU
+collectives, one CPU device each, run one after the other): training steps/s of the MLP workload
+(global batch 512) and the wall time of `pf.distributed_bits_per_dim` over 64 toy:two-moons
+points in batches of 8 (timed after a compiling warm-up batch), with the largest difference of
+the final parameters and of the per-example bits/dim from the 1-process run.
 """
 
 from __future__ import annotations
@@ -74,13 +80,107 @@ def _worker(args) -> dict:
     return {"devices": [str(d) for d in jax.devices()], "workloads": results}
 
 
+def _process_worker(args) -> dict:
+    if args.num_processes > 1:
+        from probflow._distributed import initialize_distributed
+
+        initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=30)
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    import probflow as pf
+    from probflow.models import MLP
+
+    sde = pf.VPSDE()
+    ds = pf.data.load("toy:two-moons", "train")
+    model = MLP(2, sde=sde, width=256, depth=3, key=jax.random.key(0))
+    steps = 250 if args.quick else 1000
+    cfg = pf.TrainConfig(steps=steps, batch_size=512, lr=5e-4, warmup=10, steps_per_call=50,
+                         checkpoint_every=steps, log_every=steps // 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or tmp
+        r = pf.train(model, sde, ds, cfg, out=f"{out}/run", progress=False,
+                     devices=jax.device_count())
+        rates = None
+        if jax.process_index() == 0:
+            with open(f"{out}/run/log.jsonl") as f:
+                rates = [json.loads(line)["steps_per_s"] for line in f]
+    opts = dict(num_bins=ds.num_bins, data_range=ds.data_range, rtol=1e-5, atol=1e-5)
+    images = ds.images[:64]
+    pf.distributed_bits_per_dim(r.model, sde, images[:8], key=jax.random.key(1), batch_size=8,
+                                **opts)  # compile
+    t0 = time.perf_counter()
+    b = pf.distributed_bits_per_dim(r.model, sde, images, key=jax.random.key(1), batch_size=8,
+                                    **opts)
+    bpd_s = time.perf_counter() - t0
+    return {"steps_per_s": None if rates is None else statistics.median(rates[1:]),
+            "bpd_s": bpd_s, "bpd": np.asarray(b.bpd).tolist(),
+            "nfe_mean": float(np.mean(b.nfe)),
+            "params": [np.asarray(x).ravel().tolist()
+                       for x in jax.tree.leaves(eqx.filter(r.raw_model, eqx.is_inexact_array))]}
+
+
+def _run_processes(args) -> None:
+    import socket
+
+    import numpy as np
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    res = {}
+    for n in (1, args.processes):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmds = [[sys.executable, __file__, "--process-worker", "--num-processes", str(n),
+                 "--process-id", str(i), "--port", str(port)] + (["--quick"] if args.quick else [])
+                for i in range(n)]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for c in cmds]
+        outs = [p.communicate(timeout=1800) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            if p.returncode:
+                sys.exit(err[-3000:])
+        res[n] = json.loads(outs[0][0].strip().splitlines()[-1])
+    one, many = res[1], res[args.processes]
+    dp = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(one["params"], many["params"]))
+    db = float(np.abs(np.asarray(one["bpd"]) - np.asarray(many["bpd"])).max())
+    print(f"load average (1, 5, 15 min): {os.getloadavg()}")
+    print(f"{'processes':>9} {'train steps/s':>13} {'bpd 64 pts (s)':>14} {'nfe mean':>8}")
+    for n, r in res.items():
+        print(f"{n:>9} {r['steps_per_s']:>13.1f} {r['bpd_s']:>14.2f} {r['nfe_mean']:>8.1f}")
+    print(f"max |diff| params {dp:.2e}, per-example bits/dim {db:.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"load_average": os.getloadavg(), "max_param_diff": dp,
+                       "max_bpd_diff": db,
+                       **{str(n): {k: v for k, v in r.items() if k != "params"}
+                          for n, r in res.items()}}, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--processes", type=int, default=None,
+                   help="compare 1 and N processes (jax.distributed on 127.0.0.1) instead")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--process-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.process_worker:
+        print(json.dumps(_process_worker(args)))
+        return
+    if args.processes is not None:
+        _run_processes(args)
+        return
     if args.worker:
         print(json.dumps(_worker(args)))
         return

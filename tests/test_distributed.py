@@ -94,3 +94,33 @@ def test_cli_devices_error_is_one_line(tmp_path, capsys):
     assert f"--devices: devices={n + 3} requested but only {n}" in err
     assert "xla_force_host_platform_device_count" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_initialize_distributed_checks_its_arguments():
+    # All checks run before jax.distributed.initialize is called (nothing is started).
+    with pytest.raises(ValueError, match="must be given together"):
+        pf.initialize_distributed("127.0.0.1:1234", 2)
+    with pytest.raises(ValueError, match="coordinator must be HOST:PORT, got '127.0.0.1'"):
+        pf.initialize_distributed("127.0.0.1", 2, 0)
+    with pytest.raises(ValueError, match=r"process_id must be an int in \[0, num_processes=2\)"):
+        pf.initialize_distributed("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="num_processes must be an int >= 1"):
+        pf.initialize_distributed("127.0.0.1:1234", 0, 0)
+
+
+def test_distributed_bits_per_dim_on_one_process_is_the_batched_loop():
+    """With one process: batch b of the data set uses fold_in(key, b * batch_size), the results
+    in example order; checked against pf.bits_per_dim called batch by batch."""
+    sde = pf.VPSDE()
+    model = MLP(2, sde=sde, width=8, depth=1, key=jax.random.key(0))
+    ds = pf.data.load("toy:two-moons", "test")
+    x, key = ds.images[:5], jax.random.key(7)
+    opts = dict(num_bins=ds.num_bins, data_range=ds.data_range, rtol=1e-3, atol=1e-3)
+    got = pf.distributed_bits_per_dim(model, sde, x, key=key, batch_size=2, **opts)
+    ref = [pf.bits_per_dim(model, sde, x[s : s + 2], key=jax.random.fold_in(key, s), **opts)
+           for s in (0, 2, 4)]
+    np.testing.assert_array_equal(np.asarray(got.bpd), np.concatenate([r.bpd for r in ref]))
+    np.testing.assert_array_equal(np.asarray(got.nfe), np.concatenate([r.nfe for r in ref]))
+    assert got.bpd_probes.shape == (5, 1) and got.z.shape == (5, 2)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        pf.distributed_bits_per_dim(model, sde, x, key=key, batch_size=0, **opts)

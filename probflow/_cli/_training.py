@@ -100,8 +100,36 @@ def _add_train(p) -> None:
     g = p.add_argument_group("devices")
     g.add_argument("--devices", type=positive_int, default=None, metavar="N",
                    help="train data-parallel on N devices (default: one device)")
+    add_process_options(p)
+
+
+def add_process_options(p) -> None:
+    """--coordinator/--num-processes/--process-id (or --distributed): a multi-process run."""
+    g = p.add_argument_group("processes (multi-host runs, jax.distributed)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address; with --num-processes and --process-id")
+    g.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                   help="processes in the run (one per host)")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process's index in [0, N)")
     g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host runs)")
+                   help="detect the processes from the cluster's environment (SLURM, Open MPI, "
+                        "Kubernetes) and join them")
+    g.add_argument("--heartbeat-timeout", type=positive_int, default=100, metavar="S",
+                   help="fail (instead of hanging) when a process is silent for S seconds")
+
+
+def init_processes(args) -> None:
+    """Join the multi-process run the options describe (nothing for a single process)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    from .._distributed import initialize_distributed
+
+    try:
+        initialize_distributed(*explicit, heartbeat_timeout_seconds=args.heartbeat_timeout)
+    except ValueError as e:
+        raise CLIError(f"--coordinator/--num-processes/--process-id: {e}") from None
 
 
 def _build_network(args, ds, sde, key):
@@ -156,8 +184,9 @@ def _run_train(args) -> int:
 
     from .._train import train
 
-    if args.distributed:
-        jax.distributed.initialize()
+    init_processes(args)
+    if args.devices is None and jax.process_count() > 1:
+        args.devices = jax.device_count()  # every device of every process
     if args.devices is not None:
         from .._distributed import select_devices
 
@@ -214,7 +243,8 @@ def _run_train(args) -> int:
         ["wall time (s)", round(elapsed, 1)],
         ["checkpoint", str(Path(args.out) / "checkpoint.eqx")],
     ]
-    print(format_table(["field", "value"], rows))
+    if jax.process_index() == 0:  # in a multi-process run only process 0 reports
+        print(format_table(["field", "value"], rows))
     return 0
 
 

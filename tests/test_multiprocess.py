@@ -1,0 +1,176 @@
+"""Multi-process runs on JAX's own runtime (jax.distributed, gloo CPU collectives): real
+processes on 127.0.0.1 against the single-process run as the reference."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+# Every subprocess is bounded by this (a hang fails the test instead of stalling CI); the
+# tests never assert on how long anything took.
+BOUND_S = 600
+
+_WORKER = textwrap.dedent(r"""
+    import json, os, signal, sys
+    import probflow as pf
+    mode, port, out = sys.argv[1], sys.argv[2], sys.argv[5]
+    n, i = int(sys.argv[3]), int(sys.argv[4])
+    if n > 1:
+        pf.initialize_distributed(f"127.0.0.1:{port}", n, i, heartbeat_timeout_seconds=5,
+                                  initialization_timeout=120)
+    import equinox as eqx, jax, numpy as np
+    from probflow.models import MLP
+
+    assert jax.process_count() == n and jax.process_index() == i
+    if mode == "die" and i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # gone without a word, as a crashed host
+    sde = pf.VPSDE()
+    ds = pf.data.load("toy:two-moons", "train")
+    model = MLP(2, sde=sde, width=16, depth=1, key=jax.random.key(0))
+    steps = 400 if mode == "die" else 4
+    cfg = pf.TrainConfig(steps=steps, batch_size=16, lr=1e-2, warmup=2, steps_per_call=2,
+                         checkpoint_every=2, seed=1)
+    r = pf.train(model, sde, ds, cfg, progress=False, devices=jax.device_count(),
+                 out=out + "/run")
+    leaves = lambda m: [np.asarray(x).tolist()
+                        for x in jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array))]
+    # 5 images in batches of 2: 3 batches, split 2 + 1 over two processes (uneven shares).
+    b = pf.distributed_bits_per_dim(r.model, sde, ds.images[:5], key=jax.random.key(3),
+                                    batch_size=2, num_bins=ds.num_bins,
+                                    data_range=ds.data_range, rtol=1e-3, atol=1e-3)
+    with open(f"{out}/result{i}.json", "w") as f:
+        json.dump({"params": leaves(r.raw_model), "ema": leaves(r.model), "init": leaves(model),
+                   "losses": r.losses.tolist(), "bpd": np.asarray(b.bpd).tolist(),
+                   "nfe": np.asarray(b.nfe).tolist(), "logp": np.asarray(b.logp).tolist()}, f)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    return env
+
+
+def _launch(commands, cwd):
+    """Start every command at once; wait (bounded) for all; [(returncode, stderr)]."""
+    procs = [subprocess.Popen(c, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=BOUND_S)
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def _worker(tmp_path, mode, n, out, port=0):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    (tmp_path / out).mkdir(exist_ok=True)
+    return [[sys.executable, str(script), mode, str(port), str(n), str(i), str(tmp_path / out)]
+            for i in range(n)]
+
+
+def _close(a, b, **tol):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_two_processes_match_one(tmp_path):
+    """(a) Training with a global batch of 16 split over 2 processes gives one process's
+    parameters, losses and EMA; (b) bits/dim split over them gives its per-example numbers; only
+    process 0 writes the run directory."""
+    port = _free_port()
+    runs = _launch(_worker(tmp_path, "match", 2, "two", port) + _worker(tmp_path, "match", 1,
+                                                                        "one"), tmp_path)
+    for rc, err in runs:
+        assert rc == 0, err[-3000:]
+    one = json.loads((tmp_path / "one" / "result0.json").read_text())
+    two = [json.loads((tmp_path / "two" / f"result{i}.json").read_text()) for i in range(2)]
+    for res in two:
+        _close(res["params"], one["params"], rtol=1e-5, atol=1e-6)
+        _close(res["ema"], one["ema"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res["losses"], one["losses"], rtol=1e-5)
+        assert len(res["bpd"]) == 5
+        np.testing.assert_allclose(res["bpd"], one["bpd"], rtol=1e-5)
+        np.testing.assert_allclose(res["logp"], one["logp"], rtol=1e-5, atol=1e-5)
+        assert res["nfe"] == one["nfe"]
+    # The training moved the weights (the comparison is not between two initialisations).
+    moved = max(np.abs(np.asarray(p) - np.asarray(q)).max()
+                for p, q in zip(one["params"], one["init"]))
+    assert moved > 1e-3
+    # Different examples have different bits/dim (the gather kept them apart, in order).
+    assert len(set(np.round(one["bpd"], 4))) == 5
+    run = tmp_path / "two" / "run"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]  # written once, by process 0 only
+    import probflow as pf
+
+    saved, _, header = pf.load_checkpoint(run / "checkpoint.eqx")
+    assert header["step"] == 4
+    import equinox as eqx
+    import jax
+
+    _close([np.asarray(x) for x in jax.tree.leaves(eqx.filter(saved, eqx.is_inexact_array))],
+           one["ema"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_process_fails_the_other(tmp_path):
+    """(c) A process killed mid-run makes the survivor exit with an error naming the lost task,
+    rather than wait forever in a collective (heartbeat timeout 5 s)."""
+    runs = _launch(_worker(tmp_path, "die", 2, "die", _free_port()), tmp_path)
+    (rc0, err0), (rc1, _) = runs
+    assert rc1 != 0 and rc0 != 0
+    assert not (tmp_path / "die" / "result0.json").exists()
+    # JAX's coordination service: "The following tasks are unhealthy (stopped sending
+    # heartbeats): 1 ... Terminating process because the JAX distributed service detected
+    # fatal errors."
+    assert "stopped sending heartbeats" in err0, err0[-3000:]
+
+
+TRAIN = ["-m", "probflow", "train", "--data", "toy:two-moons", "--sde", "vp", "--model", "mlp",
+         "--width", "16", "--depth", "1", "--batch-size", "16", "--checkpoint-every", "2",
+         "--seed", "1", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_cli_resume_with_one_process_after_two(tmp_path):
+    """(d) `probflow train` on 2 processes (--coordinator/--num-processes/--process-id) for 4
+    steps, resumed on 1 process to 8, equals an uninterrupted 8-step run on 1 process."""
+    port = _free_port()
+    two = [[sys.executable, *TRAIN, "--steps", "4", "--out", str(tmp_path / "b"),
+            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+            "--heartbeat-timeout", "10"] for i in range(2)]
+    ref = [[sys.executable, *TRAIN, "--steps", "8", "--out", str(tmp_path / "a")]]
+    for rc, err in _launch(two + ref, tmp_path):
+        assert rc == 0, err[-3000:]
+    rc, err = _launch([[sys.executable, *TRAIN, "--steps", "8", "--out", str(tmp_path / "b"),
+                        "--resume"]], tmp_path)[0]
+    assert rc == 0, err[-3000:]
+    import jax
+
+    import probflow as pf
+
+    ma, _, ha = pf.load_checkpoint(tmp_path / "a" / "checkpoint.eqx")
+    mb, _, hb = pf.load_checkpoint(tmp_path / "b" / "checkpoint.eqx")
+    assert ha["step"] == hb["step"] == 8
+    _close(jax.tree.leaves(ma), jax.tree.leaves(mb), rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").open()]
+    assert steps == [2, 4, 6, 8]
