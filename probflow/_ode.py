@@ -23,6 +23,7 @@ from ._divergence import (
     AugmentedProbabilityFlowODE,
     ExactTrace,
     GaussianControlVariate,
+    GaussianTrace,
     make_trace_estimator,
 )
 from ._dpm import (
@@ -390,8 +391,8 @@ def _check_likelihood_options(trace, num_probes, key, divergence_mode, control_v
         )
     if key is None and not isinstance(estimator, ExactTrace):
         raise ValueError(f"key is required for trace={trace!r} (it draws the Hutchinson probes)")
-    cv = getattr(estimator, "control_variate", None)
-    if isinstance(cv, GaussianControlVariate) and cv.variance.shape != x.shape[1:]:
+    cv = estimator.control_variate if isinstance(estimator, GaussianTrace) else None
+    if cv is not None and cv.variance.shape != x.shape[1:]:
         raise ValueError(
             f"control_variate.variance must have the example's shape {x.shape[1:]}, got "
             f"{cv.variance.shape}"
