@@ -109,8 +109,8 @@ def _process_worker(args) -> dict:
                 rates = [json.loads(line)["steps_per_s"] for line in f]
     opts = dict(num_bins=ds.num_bins, data_range=ds.data_range, rtol=1e-5, atol=1e-5)
     images = ds.images[:64]
-    pf.distributed_bits_per_dim(r.model, sde, images[:8], key=jax.random.key(1), batch_size=8,
-                                **opts)  # compile
+    warm = images[: 8 * jax.process_count()]  # one batch per process: each one compiles
+    pf.distributed_bits_per_dim(r.model, sde, warm, key=jax.random.key(1), batch_size=8, **opts)
     t0 = time.perf_counter()
     b = pf.distributed_bits_per_dim(r.model, sde, images, key=jax.random.key(1), batch_size=8,
                                     **opts)
@@ -137,9 +137,18 @@ def _run_processes(args) -> None:
         cmds = [[sys.executable, __file__, "--process-worker", "--num-processes", str(n),
                  "--process-id", str(i), "--port", str(port)] + (["--quick"] if args.quick else [])
                 for i in range(n)]
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for c in cmds]
-        outs = [p.communicate(timeout=1800) for p in procs]
+        # Output to files, not pipes: a worker blocked on an unread pipe stalls the others.
+        with tempfile.TemporaryDirectory() as tmp:
+            files = [(open(f"{tmp}/out{i}", "w+"), open(f"{tmp}/err{i}", "w+")) for i in range(n)]
+            procs = [subprocess.Popen(c, env=env, stdout=o, stderr=e, text=True)
+                     for c, (o, e) in zip(cmds, files)]
+            for p in procs:
+                p.wait(timeout=1800)
+            outs = []
+            for o, e in files:
+                o.seek(0), e.seek(0)
+                outs.append((o.read(), e.read()))
+                o.close(), e.close()
         for p, (_, err) in zip(procs, outs):
             if p.returncode:
                 sys.exit(err[-3000:])

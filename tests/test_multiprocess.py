@@ -63,19 +63,26 @@ def _env():
 
 
 def _launch(commands, cwd):
-    """Start every command at once; wait (bounded) for all; [(returncode, stderr)]."""
-    procs = [subprocess.Popen(c, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c in commands]
+    """Start every command at once; wait (bounded) for all; [(returncode, stderr)].
+
+    Output goes to files, not pipes: a process blocked on a full pipe that nobody reads would
+    stall the collectives of the others."""
+    logs = [open(cwd / f"proc{k}-{os.getpid()}.log", "w+") for k in range(len(commands))]
+    procs = [subprocess.Popen(c, cwd=cwd, env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                              text=True) for c, f in zip(commands, logs)]
     results = []
     try:
-        for p in procs:
-            _, err = p.communicate(timeout=BOUND_S)
-            results.append((p.returncode, err))
+        for p, f in zip(procs, logs):
+            p.wait(timeout=BOUND_S)
+            f.seek(0)
+            results.append((p.returncode, f.read()))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for f in logs:
+            f.close()
     return results
 
 
