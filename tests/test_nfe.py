@@ -187,9 +187,12 @@ def test_ode_solves_unet(unet, solver, steps):
     x = (x_int.astype(jnp.float32) + 0.5) / ds.num_bins
     z = jax.random.normal(jax.random.key(3), x.shape)
     opts = dict(solver=solver, steps=steps)
+    # Decoding retries its first step only at tight tolerances; step doubling's error estimate (a
+    # difference of two float32 solutions) cannot meet 1e-8, so HalfSolver decodes at 1e-5.
+    tight = 1e-5 if isinstance(solver, diffrax.HalfSolver) else 1e-8
     runs = dict(
         encode=(x, lambda a: pf.encode(model, sde, a, rtol=1e-5, atol=1e-5, **opts)),
-        decode=(z, lambda a: pf.decode(model, sde, a, rtol=1e-8, atol=1e-8, **opts)),
+        decode=(z, lambda a: pf.decode(model, sde, a, rtol=tight, atol=tight, **opts)),
         bpd=(x_int, lambda a: _bpd(model, sde, a, rtol=1e-5, atol=1e-5, **opts)),
     )
     retried = 0
