@@ -74,6 +74,14 @@ from ._sde import VPSDE as VPSDE
 from ._sde import AbstractLinearBetaSDE as AbstractLinearBetaSDE
 from ._sde import AbstractSDE as AbstractSDE
 from ._sde import SubVPSDE as SubVPSDE
+from ._time import AbstractClock as AbstractClock
+from ._time import AbstractStepSchedule as AbstractStepSchedule
+from ._time import EDMSchedule as EDMSchedule
+from ._time import LinearTime as LinearTime
+from ._time import LogSNRTime as LogSNRTime
+from ._time import SqrtTime as SqrtTime
+from ._time import SqrtTimeODE as SqrtTimeODE
+from ._time import UniformSchedule as UniformSchedule
 from ._train import TrainConfig as TrainConfig
 from ._train import TrainingDivergedError as TrainingDivergedError
 from ._train import TrainResult as TrainResult

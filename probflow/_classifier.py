@@ -21,6 +21,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray
 from ._checkpoint import CLASSIFIER, load_module, save_module
 from ._sde import AbstractSDE
 from ._validate import check_positive_float, check_positive_int
+from .data._dataset import to_model_space
 from .models._base import Dense, GaussianFourierFeatures
 
 # Optimiser steps per jitted call of `train_classifier` (the last call runs the remainder).
@@ -210,8 +211,8 @@ def train_classifier(
         model = eqx.combine(params, static)
         kb, ku, kt, kz = jax.random.split(key, 4)
         idx = jax.random.randint(kb, (config.batch_size,), 0, n)
-        y = images[idx].astype(jnp.float32) + jax.random.uniform(ku, (config.batch_size,) + shape)
-        x = lo + (hi - lo) * y / num_bins
+        u = jax.random.uniform(ku, (config.batch_size,) + shape)
+        x = to_model_space(images[idx].astype(jnp.float32), u, num_bins, (lo, hi))
         if sde is None:
             t = jnp.zeros((config.batch_size,))
         else:

@@ -29,86 +29,40 @@ lambda of the same order on the same evaluations.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import ClassVar
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from ._nfe import AbstractCountedSolver
 from ._sde import AbstractSDE
+from ._time import (
+    AbstractClock,
+    AbstractStepSchedule,
+    LinearTime,
+    LogSNRTime,
+    as_clock,
+    as_schedule,
+    static_log_snr,
+)
+from ._time import LogSNRTimeODE as LogSNRTimeODE
+from ._time import SqrtTimeODE as SqrtTimeODE
 
-TIMES = ("t", "log_snr", "sqrt_t")
-SCHEDULES = ("log_snr", "time", "quadratic")
-
-
-def check_time(time) -> str:
-    if time not in TIMES:
-        raise ValueError(f"time must be one of {TIMES}, got {time!r}")
-    return time
-
-
-class LogSNRTimeODE(eqx.Module):
-    """A vector field F(t, y) in log-SNR time: dy/dlambda = F(t(lambda), y) dt/dlambda.
-
-    dlambda/dt = f - (d sigma^2/dt) / (2 sigma^2) = -g^2 / (2 sigma^2) for these linear SDEs, so
-    dt/dlambda = -2 sigma^2 / g^2. Works for the plain and the augmented (likelihood) ODE.
-    """
-
-    vector_field: Callable
-    sde: AbstractSDE
-
-    def __call__(self, lam, y, args):
-        t = self.sde.time_of_log_snr(lam)
-        _, std = self.sde.marginal(t)
-        dt_dlam = -2.0 * std**2 / self.sde.diffusion(t) ** 2
-        out = self.vector_field(t, y, args)
-        return jax.tree_util.tree_map(lambda a: (dt_dlam * a).astype(a.dtype), out)
+# Kept for importers of the old names; the clocks and schedules live in `_time.py`.
+log_snr_of = static_log_snr
 
 
-class SqrtTimeODE(eqx.Module):
-    """A vector field F(t, y) in u = sqrt(t): dy/du = 2 u F(u^2, y).
-
-    Near t = 0 the VP and VE stds grow like sqrt(t), so the score and F vary on a sqrt(t) scale
-    and adaptive solvers in t reject many of their first steps; in u the field is smooth.
-    """
-
-    vector_field: Callable
-
-    @property
-    def sde(self) -> AbstractSDE:
-        return self.vector_field.sde
-
-    def __call__(self, u, y, args):
-        out = self.vector_field(u * u, y, args)
-        return jax.tree_util.tree_map(lambda a: (2.0 * u * a).astype(a.dtype), out)
+def _not_none(schedule):
+    if schedule is None:
+        raise ValueError("schedule must be one of the schedule names or a step schedule, got None")
+    return schedule
 
 
-def log_snr_of(sde: AbstractSDE, t: float) -> float:
-    """lambda(t) as a Python float (the solve's end points are static)."""
-    with jax.ensure_compile_time_eval():
-        return float(
-            sde.log_snr(jnp.asarray(t, jnp.float64 if jax.config.jax_enable_x64 else None))
-        )
-
-
-def schedule_times(
-    schedule: str, sde: AbstractSDE, t0: float, t1: float, steps: int, dtype
-) -> Array:
-    """steps + 1 times from t0 to t1 (either direction): uniform in lambda, in t, or in sqrt(t)."""
-    if schedule == "time":
-        ts = jnp.linspace(t0, t1, steps + 1, dtype=dtype)
-    elif schedule == "quadratic":
-        # "time_quadratic" of the DPM-Solver reference code: uniform in sqrt(t).
-        ts = jnp.linspace(math.sqrt(t0), math.sqrt(t1), steps + 1, dtype=dtype) ** 2
-    else:
-        lams = jnp.linspace(log_snr_of(sde, t0), log_snr_of(sde, t1), steps + 1, dtype=dtype)
-        ts = sde.time_of_log_snr(lams).astype(dtype)
-    return ts.at[0].set(t0).at[-1].set(t1)
+def schedule_times(schedule, sde: AbstractSDE, t0: float, t1: float, steps: int, dtype) -> Array:
+    """steps + 1 times from t0 to t1 (either direction) on `schedule` (see `_time.as_schedule`)."""
+    return as_schedule(schedule).times(sde, t0, t1, steps, dtype)
 
 
 # --------------------------------------------------------------------------- the integrators
@@ -117,30 +71,36 @@ def schedule_times(
 class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolver):
     """A DPM-Solver-type integrator of the probability-flow ODE, bound to its SDE by probflow.
 
-    Subclasses have fields `solver_order` (the constructor's `order`), `schedule`, `sde` (None
-    until bound) and `time` (the solve's clock: "t", or "log_snr" when probflow runs the ODE in
-    lambda-time).
+    Subclasses have fields `solver_order` (the constructor's `order`), `schedule` (a
+    `_time.AbstractStepSchedule`), `sde` (None until bound) and `time` (the solve's clock, a
+    `_time.AbstractClock`).
     """
 
     term_structure: ClassVar = diffrax.AbstractTerm
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
 
-    @property
-    def supports_adaptive(self) -> bool:
-        return False
-
     def order(self, terms):
         """The order of the solution; with steps=None also that of the error estimate."""
         return self.solver_order
 
-    def bind(self, sde: AbstractSDE, time: str = "t", num_steps: int | None = None):
-        """This solver for the probability-flow ODE of `sde`, run in clock `time`; `num_steps`
-        is the number of steps of a fixed-step solve (None when adaptive)."""
-        return self._with(sde=sde, time=check_time(time), num_steps=num_steps)
+    def bind(self, sde: AbstractSDE, time="t", num_steps: int | None = None):
+        """This solver for the probability-flow ODE of `sde`, run in clock `time` (a clock, or
+        its name); `num_steps` is the number of steps of a fixed-step solve (None when adaptive)."""
+        return self._with(sde=sde, time=self.check_clock(as_clock(time)), num_steps=num_steps)
+
+    def check_clock(self, clock: AbstractClock) -> AbstractClock:
+        """The clocks these integrators run in: t and log-SNR time (their steps are exact in
+        lambda whatever the clock; sqrt(t) adds nothing but a change of variable)."""
+        if not isinstance(clock, (LinearTime, LogSNRTime)):
+            raise ValueError(
+                f"time={clock.name!r} is for diffrax solvers; the exponential integrators run in "
+                "t or log-SNR time (time='t' or 'log_snr')"
+            )
+        return clock
 
     def step_times(self, sde: AbstractSDE, t0: float, t1: float, steps: int, dtype) -> Array:
         """The `steps` + 1 times (in t) of a fixed-step solve, from `self.schedule`."""
-        return schedule_times(self.schedule, sde, t0, t1, steps, dtype)
+        return self.schedule.times(sde, t0, t1, steps, dtype)
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
@@ -162,15 +122,11 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
 
     def _at_clock(self, c):
         """(t, lambda) at clock time c."""
-        sde = self._sde()
-        if self.time == "log_snr":
-            return sde.time_of_log_snr(c), c
-        return c, sde.log_snr(c)
+        return self.time.time_and_log_snr(self._sde(), c)
 
     def _at_log_snr(self, lam):
         """(t, clock time) at log-SNR lam."""
-        t = self._sde().time_of_log_snr(lam)
-        return t, (lam if self.time == "log_snr" else t)
+        return self.time.time_and_clock_of_log_snr(self._sde(), lam)
 
     def _interval(self, terms, t0, t1, y0):
         """What every step needs about its interval: the clock's sign, the start on the clock c0,
@@ -196,12 +152,12 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         f = sde.drift_coef(t)
         g2 = sde.diffusion(t) ** 2
         alpha, sigma = sde.marginal(t)
-        if self.time == "log_snr":  # v = F dt/dlambda = -2 sigma^2 F / g^2
-            score = 2.0 * f * x / g2 + vx / sigma**2
-            q = None if vd is None else 2.0 * f * sigma**2 * x.size / g2 + vd
-        else:
-            score = 2.0 * (f * x - vx) / g2
-            q = None if vd is None else 2.0 * sigma**2 * (f * x.size - vd) / g2
+        if not isinstance(self.time, LinearTime):  # v = F dt/dc
+            dt_dc = self.time.dt_dc(sde, t)
+            vx = vx / dt_dc
+            vd = None if vd is None else vd / dt_dc
+        score = 2.0 * (f * x - vx) / g2
+        q = None if vd is None else 2.0 * sigma**2 * (f * x.size - vd) / g2
         eps = -sigma * score
         x0 = (x + sigma**2 * score) / alpha
         return eps, x0, q
@@ -230,27 +186,24 @@ class DPMSolver(AbstractExponentialIntegrator):
     """
 
     solver_order: int
-    schedule: str
+    schedule: AbstractStepSchedule
     sde: AbstractSDE | None
-    time: str
+    time: AbstractClock
     num_steps: int | None
 
     def __init__(
-        self, order: int = 2, schedule: str = "quadratic", *, sde=None, time="t", num_steps=None
+        self, order: int = 2, schedule="quadratic", *, sde=None, time="t", num_steps=None
     ):
         self.solver_order = order
-        self.schedule = schedule
+        self.schedule = as_schedule(_not_none(schedule))
         self.sde = sde
-        self.time = time
+        self.time = as_clock(time)
         self.num_steps = num_steps
 
     def __check_init__(self):
         k = self.solver_order
         if isinstance(k, bool) or k not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3 for DPMSolver, got {k!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        check_time(self.time)
 
     @property
     def supports_adaptive(self) -> bool:
@@ -333,16 +286,16 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     """
 
     solver_order: int
-    schedule: str
+    schedule: AbstractStepSchedule
     lower_order_final: bool
     sde: AbstractSDE | None
-    time: str
+    time: AbstractClock
     num_steps: int | None
 
     def __init__(
         self,
         order: int = 2,
-        schedule: str = "quadratic",
+        schedule="quadratic",
         lower_order_final: bool = True,
         *,
         sde=None,
@@ -350,10 +303,10 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
         num_steps=None,
     ):
         self.solver_order = order
-        self.schedule = schedule
+        self.schedule = as_schedule(_not_none(schedule))
         self.lower_order_final = lower_order_final
         self.sde = sde
-        self.time = time
+        self.time = as_clock(time)
         self.num_steps = num_steps
 
     def __check_init__(self):
@@ -362,9 +315,6 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
             raise ValueError(f"order must be 2 or 3 for DPMSolverMultistep, got {k!r}")
         if not isinstance(self.lower_order_final, bool):
             raise ValueError(f"lower_order_final must be a bool, got {self.lower_order_final!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        check_time(self.time)
 
     def _with(self, **kw):
         return DPMSolverMultistep(self.solver_order, self.schedule, self.lower_order_final, **kw)

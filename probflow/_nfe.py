@@ -40,6 +40,11 @@ class AbstractCountedSolver(eqx.Module):
         """Score evaluations (at initialisation, per attempt at the first step, per later
         attempt), without the step-size selection."""
 
+    @property
+    def supports_adaptive(self) -> bool:
+        """Whether the solver has an error estimate (can run with steps=None)."""
+        return False
+
 
 _SUPPORTED = (
     "explicit Runge-Kutta solvers (Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, "
@@ -86,6 +91,86 @@ def solver_costs(solver) -> Costs:
     )
 
 
+# Score evaluations per step of each supported SDE solver: (at initialisation, per step). Measured
+# against a host-side counter (tests/test_samplers.py, tests/test_nfe.py); the diffusion term never
+# calls the model. None of these solvers carries an evaluation from one step to the next (no FSAL
+# tableau), so every attempted step, rejected or accepted, first or later, costs the same.
+_SDE_SOLVER_COST: dict[type, tuple[int, int]] = {
+    diffrax.Euler: (0, 1),
+    diffrax.EulerHeun: (0, 1),
+    diffrax.ItoMilstein: (0, 1),
+    diffrax.StratonovichMilstein: (0, 1),
+    diffrax.Heun: (0, 2),
+    diffrax.Midpoint: (0, 2),
+    diffrax.Ralston: (0, 2),
+    diffrax.ReversibleHeun: (1, 1),
+    diffrax.SEA: (0, 1),
+    diffrax.SRA1: (0, 2),
+    diffrax.ShARK: (0, 2),
+    diffrax.GeneralShARK: (0, 2),
+    diffrax.SPaRK: (0, 3),
+    diffrax.SlowRK: (0, 2),
+}
+# SDE solvers with an error estimate that diffrax accepts for adaptive SDE solves.
+ADAPTIVE_SDE_SOLVERS = (diffrax.Heun, diffrax.ReversibleHeun, diffrax.SRA1, diffrax.ShARK,
+                        diffrax.SPaRK)
+
+
+def sde_solver_costs(solver) -> Costs:
+    """(evaluations at init, per attempt at the first step, per later attempt) of an SDE solve
+    with `solver` (the same for every attempt: no SDE solver here is FSAL)."""
+    cost = _SDE_SOLVER_COST.get(type(solver))
+    if cost is None:
+        names = ", ".join(sorted(c.__name__ for c in _SDE_SOLVER_COST))
+        raise ValueError(
+            f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
+            f"score evaluations exactly and knows how for the diffrax SDE solvers {names}"
+        )
+    init, per_step = cost
+    return init, per_step, per_step
+
+
+def has_error_estimate(solver, *, sde: bool = False) -> bool:
+    """Whether `solver` can choose its own steps: the one capability check of every family
+    (diffrax ODE solvers, probflow's exponential integrators, diffrax SDE solvers)."""
+    if sde:
+        return isinstance(solver, ADAPTIVE_SDE_SOLVERS)
+    if isinstance(solver, AbstractCountedSolver):
+        return solver.supports_adaptive
+    if isinstance(solver, diffrax.HalfSolver):  # first: isinstance sees through wrappers
+        return True
+    if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
+        return False
+    if isinstance(solver, diffrax.AbstractRungeKutta):
+        return solver.tableau.b_error is not None and bool(
+            any(float(b) != 0.0 for b in solver.tableau.b_error)
+        )
+    return True
+
+
+def error_order(solver, terms) -> float:
+    """diffrax's own error order (as its controller uses it; HalfSolver: order + 1)."""
+    order = solver.error_order(terms)
+    return 2.0 if order is None else float(order)
+
+
+def raise_if_failed(y, result, max_steps: int, what: str):
+    """`y`, raising through `eqx.error_if` when a diffrax solve failed: the one place that turns a
+    failed solve into an error naming the fix. `what`: "ODE" or "reverse SDE"."""
+    y = eqx.error_if(
+        y,
+        result == diffrax.RESULTS.max_steps_reached,
+        f"the {what} solve reached max_steps={max_steps} before finishing; raise max_steps "
+        "or loosen rtol/atol",
+    )
+    return eqx.error_if(
+        y,
+        (result != diffrax.RESULTS.successful) & (result != diffrax.RESULTS.max_steps_reached),
+        f"the {what} solve failed (step size underflow or non-finite values); check that the "
+        "model returns finite scores and that eps is not too small for this model",
+    )
+
+
 def check_ode_solver(solver) -> None:
     """Raise a clear error for solvers whose evaluations cannot be counted."""
     if not isinstance(solver, (diffrax.AbstractSolver, AbstractCountedSolver)):
@@ -94,14 +179,16 @@ def check_ode_solver(solver) -> None:
 
 
 def count_evaluations(
-    solver, num_steps: ArrayLike, first_step_attempts: ArrayLike, *, adaptive: bool
+    solver, num_steps: ArrayLike, first_step_attempts: ArrayLike, *, adaptive: bool,
+    sde: bool = False,
 ) -> Array:
     """Score-model evaluations of one solve that attempted `num_steps` steps, of which the
     first `first_step_attempts` were attempts at the first step (the rejected ones and the
-    accepted one; 1 for a fixed-step solve, see `FirstStepCountingController`)."""
+    accepted one; 1 for a fixed-step solve, see `FirstStepCountingController`). `adaptive`: add
+    probflow's initial step selection (ODE solves); `sde`: an SDE solve (`sde_solver_costs`)."""
     num_steps = jnp.asarray(num_steps, jnp.int32)
     first = jnp.clip(jnp.asarray(first_step_attempts, jnp.int32), 0, num_steps)
-    init, on_first, later = solver_costs(solver)
+    init, on_first, later = sde_solver_costs(solver) if sde else solver_costs(solver)
     nfe = init + on_first * first + later * (num_steps - first)
     if adaptive:
         nfe = nfe + 2

@@ -26,18 +26,15 @@ from ._divergence import (
     GaussianTrace,
     make_trace_estimator,
 )
-from ._dpm import (
-    AbstractExponentialIntegrator,
-    LogSNRTimeODE,
-    SqrtTimeODE,
-    check_time,
-    log_snr_of,
-)
+from ._dpm import AbstractExponentialIntegrator
 from ._nfe import (
     FirstStepCountingController,
     check_ode_solver,
     count_evaluations,
+    error_order,
     first_step_attempts,
+    has_error_estimate,
+    raise_if_failed,
 )
 from ._results import (
     BitsPerDimResult,
@@ -47,6 +44,15 @@ from ._results import (
     SampleResult,
 )
 from ._sde import AbstractSDE
+from ._time import (
+    AbstractClock,
+    AbstractStepSchedule,
+    LinearTime,
+    SqrtTime,
+    UniformSchedule,
+    as_clock,
+    as_schedule,
+)
 from ._validate import (
     as_float_batch,
     check_eps,
@@ -57,6 +63,7 @@ from ._validate import (
     check_shape,
     error_if_nonfinite,
 )
+from .data._dataset import to_model_space
 
 _DIVERGENCE_MODES = DIVERGENCE_MODES
 
@@ -86,14 +93,25 @@ class ODEOptions(eqx.Module):
     atol: Array
     steps: int | None = eqx.field(static=True, default=None)
     max_steps: int = eqx.field(static=True, default=16384)
-    time: str = eqx.field(static=True, default="t")  # "t", "log_snr" or "sqrt_t"
+    clock: AbstractClock = eqx.field(static=True, default_factory=lambda: as_clock("t"))
+    # The times of a fixed-step solve (None: adaptive).
+    schedule: AbstractStepSchedule | None = eqx.field(static=True, default=None)
 
     @property
     def adaptive(self) -> bool:
         return self.steps is None
 
+    @property
+    def time(self) -> str:
+        """The clock's public name ("t", "log_snr", "sqrt_t")."""
+        return self.clock.name
 
-def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptions:
+
+def make_ode_options(
+    solver, rtol, atol, steps, max_steps, time="t", schedule=None
+) -> ODEOptions:
+    """The edge: strings become clock and schedule objects here, once. `schedule=None` is the
+    exponential integrator's own schedule, else uniform in sqrt(t) (time="t") or in the clock."""
     if solver is None:
         solver = diffrax.Tsit5()
     check_ode_solver(solver)
@@ -101,12 +119,10 @@ def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptio
     atol = check_positive_float(atol, "atol")
     steps = check_positive_int(steps, "steps", allow_none=True)
     max_steps = check_positive_int(max_steps, "max_steps")
-    time = check_time(time)
-    if time == "sqrt_t" and isinstance(solver, AbstractExponentialIntegrator):
-        raise ValueError(
-            "time='sqrt_t' is for diffrax solvers; the exponential integrators run in t or "
-            "log-SNR time (time='t' or 'log_snr')"
-        )
+    clock = as_clock(time)
+    schedule = as_schedule(schedule)
+    if isinstance(solver, AbstractExponentialIntegrator):
+        solver.check_clock(clock)
     if (
         steps is None
         and isinstance(solver, AbstractExponentialIntegrator)
@@ -116,7 +132,7 @@ def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptio
             f"steps=None needs an error estimate, which {solver!r} lacks: pass steps=N, or use "
             "the adaptive pf.DPMSolver(order=2) or pf.DPMSolver(order=3) (DPM-Solver-12/23)"
         )
-    if steps is None and not _has_error_estimate(solver):
+    if steps is None and not has_error_estimate(solver):
         raise ValueError(
             f"solver={type(solver).__name__} has no error estimate, so it cannot choose its own "
             "steps: pass steps=N for N uniform steps, or an adaptive solver such as "
@@ -124,30 +140,29 @@ def make_ode_options(solver, rtol, atol, steps, max_steps, time="t") -> ODEOptio
         )
     if steps is not None and steps > max_steps:
         raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
+    if steps is None:
+        if schedule is not None:
+            raise ValueError(
+                "schedule= lays the steps of a fixed-step solve: pass steps=N with it, or "
+                "schedule=None for an adaptive solve"
+            )
+    elif schedule is None:
+        if isinstance(solver, AbstractExponentialIntegrator):
+            schedule = solver.schedule
+        elif isinstance(clock, LinearTime):
+            # Uniform in sqrt(t), as the exponential integrators' default: Heun with 10 steps
+            # has 11x less solver error on digits-vp than with steps uniform in t
+            # (docs/samplers.md, benchmarks/schedules.py).
+            schedule = UniformSchedule(SqrtTime())
+        else:
+            schedule = UniformSchedule(clock)
     return ODEOptions(
         solver=solver, rtol=jnp.asarray(rtol), atol=jnp.asarray(atol), steps=steps,
-        max_steps=max_steps, time=time,
+        max_steps=max_steps, clock=clock, schedule=schedule,
     )
 
 
-def _has_error_estimate(solver) -> bool:
-    if isinstance(solver, diffrax.HalfSolver):  # first: isinstance sees through wrappers
-        return True
-    if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
-        return False
-    if isinstance(solver, diffrax.AbstractRungeKutta):
-        return solver.tableau.b_error is not None and bool(
-            any(float(b) != 0.0 for b in solver.tableau.b_error)
-        )
-    return True
-
-
-def _error_order(solver, term) -> float:
-    try:
-        order = solver.error_order(term)  # as diffrax would use it (HalfSolver: order + 1)
-    except Exception:  # solvers without a stated order
-        order = None
-    return 2.0 if order is None else float(order)
+_has_error_estimate = has_error_estimate  # the old private name, for its importers
 
 
 def select_initial_step(vector_field, y0, t0: float, t1: float, opts: ODEOptions, order: float):
@@ -180,44 +195,32 @@ def select_initial_step(vector_field, y0, t0: float, t1: float, opts: ODEOptions
     return jax.lax.stop_gradient(direction * h).astype(y.dtype)
 
 
-def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
-    """One diffrax solve of one example from t0 to t1; returns (y1, nfe, num_steps).
+def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde: AbstractSDE):
+    """One diffrax solve of one example from t0 to t1 of the probability-flow ODE of `sde`;
+    returns (y1, nfe, num_steps). The solve runs in `opts.clock`, on `opts.schedule`'s times
+    when it has fixed steps.
 
     A solve that fails (max_steps reached, step size underflow, non-finite values) raises through
     `eqx.error_if` with a message that names the fix.
     """
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
     solver = opts.solver
-    sde = getattr(vector_field, "sde", None)
+    clock = opts.clock
     ts = None
-    if opts.steps is not None:
-        if isinstance(solver, AbstractExponentialIntegrator):
-            ts = solver.step_times(sde, t0, t1, opts.steps, dtype)  # the solver's own schedule
-        elif opts.time == "t":
-            ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)
-    if opts.time == "log_snr":
-        # Solve in lambda-time: dy/dlambda = F(t(lambda), y) dt/dlambda (see _dpm.LogSNRTimeODE).
-        vector_field = LogSNRTimeODE(vector_field, sde)
-        t0, t1 = log_snr_of(sde, t0), log_snr_of(sde, t1)
-        if ts is None and opts.steps is not None:
-            ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)  # uniform in lambda
-        elif ts is not None:
-            ts = sde.log_snr(ts).astype(dtype).at[0].set(t0).at[-1].set(t1)
-    elif opts.time == "sqrt_t":
-        # Solve in u = sqrt(t): dy/du = 2 u F(u^2, y) (see _dpm.SqrtTimeODE).
-        vector_field = SqrtTimeODE(vector_field)
-        t0, t1 = math.sqrt(t0), math.sqrt(t1)
-        if opts.steps is not None:
-            ts = jnp.linspace(t0, t1, opts.steps + 1, dtype=dtype)  # uniform in sqrt(t)
+    if opts.schedule is not None:
+        ts = opts.schedule.clock_times(sde, clock, t0, t1, opts.steps, dtype)
+    # Solve in the clock c: dy/dc = F(t(c), y) dt/dc (see _time.py).
+    vector_field = clock.wrap(vector_field, sde)
+    t0, t1 = clock.static_to_clock(sde, t0), clock.static_to_clock(sde, t1)
     if isinstance(solver, AbstractExponentialIntegrator):
-        solver = solver.bind(sde, opts.time, opts.steps)
+        solver = solver.bind(sde, clock, opts.steps)
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
         # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
         controller = FirstStepCountingController(
             diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
         )
-        dt0 = select_initial_step(vector_field, y0, t0, t1, opts, _error_order(solver, term))
+        dt0 = select_initial_step(vector_field, y0, t0, t1, opts, error_order(solver, term))
     else:
         controller = diffrax.StepTo(ts=ts)
         dt0 = None
@@ -238,19 +241,7 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions):
     # StepTo accepts every step: one attempt at the first.
     first = first_step_attempts(sol.controller_state) if opts.adaptive else 1
     nfe = count_evaluations(opts.solver, num_steps, first, adaptive=opts.adaptive)
-    y1 = eqx.error_if(
-        y1,
-        sol.result == diffrax.RESULTS.max_steps_reached,
-        f"the ODE solve reached max_steps={opts.max_steps} before finishing; raise max_steps "
-        "or loosen rtol/atol",
-    )
-    y1 = eqx.error_if(
-        y1,
-        (sol.result != diffrax.RESULTS.successful)
-        & (sol.result != diffrax.RESULTS.max_steps_reached),
-        "the ODE solve failed (step size underflow or non-finite values); check that the model "
-        "returns finite scores and that eps is not too small for this model",
-    )
+    y1 = raise_if_failed(y1, sol.result, opts.max_steps, "ODE")
     return y1, nfe, num_steps
 
 
@@ -273,7 +264,7 @@ def _encode(model, sde, x, eps, opts):
     check_model(model, x.shape[1:], x.dtype)
     x = error_if_nonfinite(x, "x")
     vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda xi: solve_flow(vf, xi, eps, sde.T, opts))(x)
+    return jax.vmap(lambda xi: solve_flow(vf, xi, eps, sde.T, opts, sde=sde))(x)
 
 
 @eqx.filter_jit
@@ -281,7 +272,7 @@ def _decode(model, sde, z, eps, opts):
     check_model(model, z.shape[1:], z.dtype)
     z = error_if_nonfinite(z, "z")
     vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda zi: solve_flow(vf, zi, sde.T, eps, opts))(z)
+    return jax.vmap(lambda zi: solve_flow(vf, zi, sde.T, eps, opts, sde=sde))(z)
 
 
 def encode(
@@ -295,14 +286,18 @@ def encode(
     atol: float = 1e-5,
     steps: int | None = None,
     max_steps: int = 16384,
-    time: str = "t",
+    time: str | AbstractClock = "t",
+    schedule: str | AbstractStepSchedule | None = None,
 ) -> EncodeResult:
     """Latents z = x(T) of a batch `x`, solving the probability-flow ODE from eps to T.
 
     `time="log_snr"` solves the ODE in lambda = log(scale / std) instead of t (same nfe counting).
+    With `steps=N`, `schedule` lays the N steps (`pf.EDMSchedule()`, "edm", or uniform in a
+    clock; None: the exponential integrator's own, else uniform in sqrt(t) for time="t" and in
+    the solve's clock otherwise).
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
     z, nfe, num_steps = _encode(model, sde, x, eps, opts)
     return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
 
@@ -318,14 +313,18 @@ def decode(
     atol: float = 1e-5,
     steps: int | None = None,
     max_steps: int = 16384,
-    time: str = "t",
+    time: str | AbstractClock = "t",
+    schedule: str | AbstractStepSchedule | None = None,
 ) -> DecodeResult:
     """Data x = x(eps) from a batch of latents `z`, solving the ODE from T back to eps.
 
     `time="log_snr"` solves the ODE in lambda = log(scale / std) instead of t (same nfe counting).
+    With `steps=N`, `schedule` lays the N steps (`pf.EDMSchedule()`, "edm", or uniform in a
+    clock; None: the exponential integrator's own, else uniform in sqrt(t) for time="t" and in
+    the solve's clock otherwise).
     """
     sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
     x, nfe, num_steps = _decode(model, sde, z, eps, opts)
     return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
 
@@ -344,7 +343,8 @@ def sample_ode(
     steps: int | None = None,
     max_steps: int = 16384,
     dtype=None,
-    time: str = "t",
+    time: str | AbstractClock = "t",
+    schedule: str | AbstractStepSchedule | None = None,
 ) -> SampleResult:
     """`num_samples` samples of the given example `shape`: prior draws decoded by the ODE."""
     sde = check_sde(sde)
@@ -355,7 +355,7 @@ def sample_ode(
     z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(keys)
     r = decode(
         model, sde, z, eps=eps, solver=solver, rtol=rtol, atol=atol, steps=steps,
-        max_steps=max_steps, time=time,
+        max_steps=max_steps, time=time, schedule=schedule,
     )
     return SampleResult(x=r.x, nfe=r.nfe, num_steps=r.num_steps)
 
@@ -373,7 +373,7 @@ def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
         vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode, estimator)
         # One divergence integral per probe, all from the same linearisations of the model.
         y0 = (xi, jnp.zeros((estimator.num_probes,), xi.dtype))
-        (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts)
+        (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts, sde=sde)
         # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D)
         return sde.prior_logp(z) + delta, z, nfe, num_steps
 
@@ -416,7 +416,8 @@ def log_likelihood(
     steps: int | None = None,
     max_steps: int = 16384,
     divergence_mode: str = "jvp",
-    time: str = "t",
+    time: str | AbstractClock = "t",
+    schedule: str | AbstractStepSchedule | None = None,
 ) -> LikelihoodResult:
     """log p_eps(x) in nats for a batch, by the ODE augmented with the divergence (appendix D).
 
@@ -436,7 +437,7 @@ def log_likelihood(
     estimator = _check_likelihood_options(
         trace, num_probes, key, divergence_mode, control_variate, x
     )
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time)
+    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
     keys = jax.random.split(key, x.shape[0])
@@ -460,8 +461,7 @@ def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
         u = jax.random.uniform(key, x_int.shape, dtype)
     else:
         u = jnp.full(x_int.shape, 0.5, dtype)
-    y = x_int.astype(dtype) + u
-    return lo + (hi - lo) * y / num_bins
+    return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi))
 
 
 def bits_per_dim(

@@ -213,7 +213,8 @@ def _expected_norm_step(snr: float, sde: AbstractSDE, t, alpha):
 
 class LangevinCorrector(AbstractCorrector):
     """Langevin corrector (Algorithms 4, 5): eps = 2 alpha_i (r ||z|| / ||s||)^2 with the norms
-    replaced by their expectations, so eps = 2 alpha_i (r std(t))^2 for every sample.
+    replaced by their expectations, so eps = 2 alpha_i (r std(t))^2 for every sample: also the
+    annealed Langevin dynamics of NCSN (Song & Ermon 2019), hence `AnnealedLangevinCorrector`.
 
     Per-sample norms make eps depend on the state and the noise, which biases the chain (badly in
     low dimensions); batch-averaged norms (the reference code) couple the samples of a batch.
@@ -229,23 +230,10 @@ class LangevinCorrector(AbstractCorrector):
         return _expected_norm_step(self.snr, sde, t, alpha)
 
 
-class AnnealedLangevinCorrector(AbstractCorrector):
-    """Annealed Langevin dynamics (Song & Ermon 2019, NCSN; the reference code's
-    `AnnealedLangevinDynamics`): eps = 2 alpha_i (r std(t))^2, a step proportional to the noise
-    variance at every level.
-
-    With expected norms, `LangevinCorrector` arrives at the same step size; see docs/samplers.md.
-    """
-
-    snr: float = 0.16
-    steps: int = 1
-
-    def __check_init__(self):
-        _check_corrector_fields(self.snr, self.steps)
-
-    def step_size(self, sde, t, alpha):
-        _, std = sde.marginal(t)
-        return 2.0 * alpha * (self.snr * std) ** 2
+# Annealed Langevin dynamics (Song & Ermon 2019, NCSN; the reference code's
+# `AnnealedLangevinDynamics`) steps by eps = 2 alpha_i (r std(t))^2, which is exactly the step of
+# `LangevinCorrector` with expected norms (docs/samplers.md): one computation, two names.
+AnnealedLangevinCorrector = LangevinCorrector
 
 
 # --------------------------------------------------------------------------- the solver

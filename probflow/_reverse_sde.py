@@ -21,7 +21,6 @@ batch.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import diffrax
@@ -29,8 +28,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, PRNGKeyArray
 
+from ._nfe import (
+    ADAPTIVE_SDE_SOLVERS,
+    count_evaluations,
+    has_error_estimate,
+    raise_if_failed,
+    sde_solver_costs,
+)
 from ._results import SampleResult
 from ._sde import AbstractSDE
 from ._validate import (
@@ -67,43 +73,6 @@ class ReverseSDEDiffusion(eqx.Module):
         return lx.DiagonalLinearOperator(jnp.full(y.shape, g, y.dtype))
 
 
-# Score evaluations per step of each supported solver: (at initialisation, per step). Measured
-# against a host-side counter (tests/test_samplers.py, tests/test_nfe.py); the diffusion term never
-# calls the model. None of these solvers carries an evaluation from one step to the next (no FSAL
-# tableau), so every attempted step, rejected or accepted, first or later, costs the same: unlike
-# the ODE solvers (`_nfe.solver_costs`), the count needs no first-step correction.
-_SDE_SOLVER_COST: dict[type, tuple[int, int]] = {
-    diffrax.Euler: (0, 1),
-    diffrax.EulerHeun: (0, 1),
-    diffrax.ItoMilstein: (0, 1),
-    diffrax.StratonovichMilstein: (0, 1),
-    diffrax.Heun: (0, 2),
-    diffrax.Midpoint: (0, 2),
-    diffrax.Ralston: (0, 2),
-    diffrax.ReversibleHeun: (1, 1),
-    diffrax.SEA: (0, 1),
-    diffrax.SRA1: (0, 2),
-    diffrax.ShARK: (0, 2),
-    diffrax.GeneralShARK: (0, 2),
-    diffrax.SPaRK: (0, 3),
-    diffrax.SlowRK: (0, 2),
-}
-# Solvers with an error estimate that diffrax accepts for adaptive SDE solves.
-_ADAPTIVE_SDE_SOLVERS = (diffrax.Heun, diffrax.ReversibleHeun, diffrax.SRA1, diffrax.ShARK,
-                         diffrax.SPaRK)
-
-
-def _solver_cost(solver) -> tuple[int, int]:
-    cost = _SDE_SOLVER_COST.get(type(solver))
-    if cost is None:
-        names = ", ".join(sorted(c.__name__ for c in _SDE_SOLVER_COST))
-        raise ValueError(
-            f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
-            f"score evaluations exactly and knows how for the diffrax SDE solvers {names}"
-        )
-    return cost
-
-
 def _levy_area(solver) -> type:
     """The cheapest Brownian path information the solver needs (increments, or Levy area)."""
     minimal = getattr(solver, "minimal_levy_area", diffrax.AbstractBrownianIncrement)
@@ -114,15 +83,18 @@ def _levy_area(solver) -> type:
     raise ValueError(f"solver={type(solver).__name__} needs an unsupported Levy area {minimal}")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SDEOptions:
-    """How to solve the reverse SDE: diffrax solver, fixed steps or adaptive tolerances."""
+class SDEOptions(eqx.Module):
+    """How to solve the reverse SDE: diffrax solver, fixed steps or adaptive tolerances.
+
+    As in `ODEOptions`, the tolerances are arrays (a sweep reuses one compilation); the step
+    counts are static.
+    """
 
     solver: diffrax.AbstractSolver
-    steps: int | None = 1000
-    rtol: float = 1e-3
-    atol: float = 1e-3
-    max_steps: int = 16384
+    rtol: Array
+    atol: Array
+    steps: int | None = eqx.field(static=True, default=1000)
+    max_steps: int = eqx.field(static=True, default=16384)
 
     @property
     def adaptive(self) -> bool:
@@ -135,13 +107,13 @@ def make_sde_options(solver, steps, rtol, atol, max_steps) -> SDEOptions:
             f"solver must be a diffrax SDE solver such as diffrax.Euler(), got "
             f"{type(solver).__name__}"
         )
-    _solver_cost(solver)
+    sde_solver_costs(solver)
     steps = check_positive_int(steps, "steps", allow_none=True)
     rtol = check_positive_float(rtol, "rtol")
     atol = check_positive_float(atol, "atol")
     max_steps = check_positive_int(max_steps, "max_steps")
-    if steps is None and not isinstance(solver, _ADAPTIVE_SDE_SOLVERS):
-        names = ", ".join(c.__name__ for c in _ADAPTIVE_SDE_SOLVERS)
+    if steps is None and not has_error_estimate(solver, sde=True):
+        names = ", ".join(c.__name__ for c in ADAPTIVE_SDE_SOLVERS)
         raise ValueError(
             f"solver={type(solver).__name__} cannot choose its own steps for an SDE (no error "
             f"estimate, or not convergent with adaptive steps): pass steps=N, or steps=None "
@@ -149,7 +121,10 @@ def make_sde_options(solver, steps, rtol, atol, max_steps) -> SDEOptions:
         )
     if steps is not None and steps > max_steps:
         raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
-    return SDEOptions(solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
+    return SDEOptions(
+        solver=solver, rtol=jnp.asarray(rtol), atol=jnp.asarray(atol), steps=steps,
+        max_steps=max_steps,
+    )
 
 
 def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, opts: SDEOptions):
@@ -188,21 +163,9 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
     )
     x = sol.ys[-1]
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
-    init, per_step = _solver_cost(opts.solver)
-    nfe = (init + per_step * num_steps).astype(jnp.int32)
-    x = eqx.error_if(
-        x,
-        sol.result == diffrax.RESULTS.max_steps_reached,
-        f"the reverse SDE solve reached max_steps={opts.max_steps} before finishing; raise "
-        "max_steps or loosen rtol/atol",
-    )
-    x = eqx.error_if(
-        x,
-        (sol.result != diffrax.RESULTS.successful)
-        & (sol.result != diffrax.RESULTS.max_steps_reached),
-        "the reverse SDE solve failed (step size underflow or non-finite values); check that "
-        "the model returns finite scores and that eps is not too small for this model",
-    )
+    # No SDE solver here is FSAL: every attempt costs the same (one attempt per "first step").
+    nfe = count_evaluations(opts.solver, num_steps, 1, adaptive=False, sde=True)
+    x = raise_if_failed(x, sol.result, opts.max_steps, "reverse SDE")
     return x, nfe, num_steps
 
 

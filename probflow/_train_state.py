@@ -20,6 +20,7 @@ from ._loss import dsm_loss
 from ._sde import AbstractSDE
 from ._train_config import TrainConfig
 from .data import Dataset
+from .data._dataset import to_model_space
 from .models._base import AbstractScoreModel
 
 #: How the optimiser is built; recorded in a run's config.json (a resumed run must match).
@@ -104,11 +105,9 @@ class TrainingData(eqx.Module):
         """A batch in model space: lo + (hi - lo) (levels + u) / num_bins, u ~ U[0, 1)."""
         if self.num_bins is None:
             return batch
-        lo, hi = self.data_range
         u = jax.random.uniform(key, batch.shape) if dequantize else 0.5
-        return lo + (hi - lo) * (batch.astype(u.dtype if dequantize else float) + u) / (
-            self.num_bins
-        )
+        levels = batch.astype(u.dtype if dequantize else float)
+        return to_model_space(levels, u, self.num_bins, self.data_range)
 
 
 class TrainChunk(eqx.Module):

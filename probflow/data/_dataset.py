@@ -83,9 +83,15 @@ class Dataset:
 
     def to_model_space(self, u=None) -> Array:
         """Images mapped to model space; `u` the dequantization noise (0.5 when None)."""
-        lo, hi = self.data_range
-        y = self.images.astype(jnp.result_type(float)) + (0.5 if u is None else u)
-        return lo + (hi - lo) * y / self.num_bins
+        levels = self.images.astype(jnp.result_type(float))
+        return to_model_space(levels, 0.5 if u is None else u, self.num_bins, self.data_range)
+
+
+def to_model_space(levels, u, num_bins: int, data_range) -> Array:
+    """The one quantisation map: levels in [0, num_bins) (as floats) plus dequantization noise u
+    to model space, lo + (hi - lo) (levels + u) / num_bins with (lo, hi) = data_range."""
+    lo, hi = data_range
+    return lo + (hi - lo) * (levels + u) / num_bins
 
 
 def split_indices(n: int, num_test: int, seed: int, split: str, name: str) -> np.ndarray:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .._sde import AbstractSDE
+from .._validate import check_positive_int as check_positive_int
 
 
 class AbstractScoreModel(eqx.Module):
@@ -84,6 +85,3 @@ class Dense(eqx.Module):
         return x @ self.weight + self.bias
 
 
-def check_positive_int(name: str, value) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

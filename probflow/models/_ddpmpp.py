@@ -258,8 +258,8 @@ class DDPMpp(AbstractScoreModel):
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         if len(shape) != 3 or any(s <= 0 for s in shape):
             raise ValueError(f"shape must be (H, W, C) with positive ints, got {shape!r}")
-        check_positive_int("nf", nf)
-        check_positive_int("num_res_blocks", num_res_blocks)
+        check_positive_int(nf, "nf")
+        check_positive_int(num_res_blocks, "num_res_blocks")
         if not ch_mult or any(c <= 0 for c in ch_mult):
             raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {ch_mult}")
         factor = 2 ** (len(ch_mult) - 1)

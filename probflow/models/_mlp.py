@@ -40,8 +40,8 @@ class MLP(AbstractScoreModel):
         shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
         if not shape or any(s <= 0 for s in shape):
             raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
-        check_positive_int("width", width)
-        check_positive_int("depth", depth)
+        check_positive_int(width, "width")
+        check_positive_int(depth, "depth")
         self.sde = sde
         self.shape = shape
         self.width = width

@@ -221,7 +221,7 @@ class UNet(AbstractScoreModel):
             raise ValueError(
                 f"shape {shape} has H and W not divisible by 2^(len(channels) - 1) = {factor}"
             )
-        check_positive_int("num_res_blocks", num_res_blocks)
+        check_positive_int(num_res_blocks, "num_res_blocks")
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
         if not 0.0 <= dropout < 1.0:
