@@ -69,6 +69,9 @@ from ._results import LikelihoodResult as LikelihoodResult
 from ._results import SampleResult as SampleResult
 from ._results import summarize_bits_per_dim as summarize_bits_per_dim
 from ._reverse_sde import sample_sde as sample_sde
+from ._score_sde import ScoreSDEImportError as ScoreSDEImportError
+from ._score_sde import load_score_sde as load_score_sde
+from ._score_sde_configs import score_sde_config as score_sde_config
 from ._sde import VESDE as VESDE
 from ._sde import VPSDE as VPSDE
 from ._sde import AbstractLinearBetaSDE as AbstractLinearBetaSDE
