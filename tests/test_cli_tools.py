@@ -152,3 +152,140 @@ def test_colorize(tmp_path):
     res = json.loads(js.read_text())
     assert res["max_grey_error"] < 1e-5 and res["nfe_mean"] == 3 * 2 + 1
     assert png.exists()
+
+
+def _subparsers():
+    import argparse
+
+    from probflow._cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from probflow._cli._main import _HelpFormatter
+
+    names = set(_subparsers())
+    assert {"train", "sample", "bpd", "encode", "decode", "nfe-curve", "inpaint", "colorize",
+            "train-classifier", "demo"} <= names
+    for name, p in _subparsers().items():
+        fmt = _HelpFormatter(prog=name)
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            shown = fmt._get_help_string(action)
+            where = f"{name} {action.option_strings}"
+            assert action.help, where
+            if action.default is False:  # a flag: off unless given
+                continue
+            assert action.required or "default" in shown, f"{where}: {shown!r}"
+        assert "(default:" in p.format_help()
+
+
+def test_old_option_spellings_still_work():
+    from probflow._cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--out", "x", "--steps", "7"]).steps == 7
+    assert parse(["train", "--out", "x", "--train-steps", "7"]).steps == 7
+    assert parse(["sample", "--steps", "3"]).ode_steps == 3
+    assert parse(["inpaint", "--steps", "3"]).sde_steps == 3
+    assert parse(["nfe-curve", "--step-counts", "2,4"]).ode_steps == (2, 4)
+
+
+def test_nfe_curve_default_full_and_explicit_settings():
+    import dataclasses
+
+    from probflow._cli import build_parser
+    from probflow._cli._curve import DEFAULT, FULL, settings_from
+
+    parse = build_parser().parse_args
+    assert settings_from(parse(["nfe-curve"])) == DEFAULT
+    assert settings_from(parse(["nfe-curve", "--full"])) == FULL
+    got = settings_from(parse(["nfe-curve", "--full", "--num-samples", "8", "--sde-steps", ""]))
+    assert got == dataclasses.replace(FULL, num_samples=8, sde_steps=())
+    assert len(DEFAULT.solvers) < len(FULL.solvers) and DEFAULT.num_samples < FULL.num_samples
+
+
+def test_solver_names():
+    import diffrax
+
+    from probflow._cli._common import make_solver
+
+    assert type(make_solver("Tsit5")) is diffrax.Tsit5
+    assert type(make_solver("reversibleheun")) is diffrax.ReversibleHeun
+    assert make_solver("dpm3") == pf.DPMSolver(order=3)
+    assert make_solver("dpm++2m") == pf.DPMSolverMultistep(order=2)  # was a crash ('+')
+    assert make_solver("dpm++3m") == pf.DPMSolverMultistep(order=3)
+
+
+def test_bpd_repeats_and_probes(tiny_checkpoint, tmp_path, capsys):
+    from probflow._cli import main
+
+    js = tmp_path / "bpd.json"
+    assert main(["bpd", "--checkpoint", tiny_checkpoint, "--data", "digits", "--limit", "3",
+                 "--repeats", "2", "--probes", "2", "--rtol", "1e-3", "--atol", "1e-3",
+                 "--batch-size", "2", "--seed", "4", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "probe noise" in out and ("±" in out or "+-" in out)
+    res = json.loads(js.read_text())
+    # Independently: pf.bits_per_dim with the documented keys, summarised by the library.
+    model, sde, _ = pf.load_checkpoint(tiny_checkpoint)
+    images = pf.data.load("digits", "test").images[:3]
+    repeats = []
+    for r in range(2):
+        parts = [pf.bits_per_dim(model, sde, images[i : i + 2], num_bins=17, rtol=1e-3,
+                                 atol=1e-3, trace="rademacher", num_probes=2,
+                                 key=jax.random.fold_in(jax.random.fold_in(jax.random.key(4), r),
+                                                        i))
+                 for i in (0, 2)]
+        repeats.append(np.concatenate([np.asarray(p.bpd_probes) for p in parts]))
+    b = np.stack(repeats).astype(np.float64)  # [R, N, P]
+    np.testing.assert_allclose(res["bpd"], b.mean(), rtol=1e-5)
+    np.testing.assert_allclose(res["bpd_se"], b.mean(axis=(0, 2)).std(ddof=1) / np.sqrt(3),
+                               rtol=1e-4)
+    np.testing.assert_allclose(res["summary"]["probe_noise"],
+                               np.sqrt(b.var(axis=2, ddof=1).mean()), rtol=1e-4)
+    assert res["summary"]["num_repeats"] == 2 and res["summary"]["num_probes"] == 2
+    assert res["trace"] == "rademacher" and len(res["bpd_per_repeat"]) == 2
+
+
+_CACHE_PROBE = """
+import sys
+import jax.monitoring
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+from probflow._cli import main
+rc = main(sys.argv[1:])
+hits = events.count("/jax/compilation_cache/cache_hits")
+misses = events.count("/jax/compilation_cache/cache_misses")
+print(f"CACHE {rc} {hits} {misses}")
+"""
+
+
+def test_compilation_cache_makes_the_second_run_load_instead_of_compile(tiny_checkpoint,
+                                                                        tmp_path):
+    cache = tmp_path / "cache"
+
+    def run(*extra):
+        env = dict(os.environ, PROBFLOW_CACHE_DIR=str(cache))
+        proc = subprocess.run(
+            [sys.executable, "-c", _CACHE_PROBE, "sample", "--checkpoint", tiny_checkpoint,
+             "--num", "3", "--solver", "tsit5", "--rtol", "1e-2", "--atol", "1e-2", *extra],
+            capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not proc.stderr.strip(), proc.stderr[-3000:]  # no XLA log noise either
+        rc, hits, misses = map(int, proc.stdout.split("CACHE")[1].split())
+        return hits, misses
+
+    hits1, misses1 = run()
+    stored = [p for p in cache.iterdir() if p.name.endswith("-cache")]
+    assert hits1 == 0 and misses1 > 0 and stored
+    hits2, misses2 = run()
+    assert hits2 >= len(stored)  # every program compiled and stored in the first run is loaded
+    assert misses2 < misses1
+    off = tmp_path / "off"
+    cache = off
+    assert run("--no-compile-cache") == (0, 0) and not off.exists()

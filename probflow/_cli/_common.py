@@ -221,7 +221,7 @@ def make_solver(name: str, flag: str = "--solver"):
     if key in ("dpm1", "dpm2", "dpm3"):
         return pf.DPMSolver(order=int(key[-1]))
     if key in ("dpm++2m", "dpm++3m"):
-        return pf.DPMSolverMultistep(order=int(key[3]))
+        return pf.DPMSolverMultistep(order=int(key[len("dpm++")]))
     raise CLIError(
         f"{flag}: unknown solver {name!r}; choose from {', '.join(ODE_SOLVERS + DPM_SOLVERS)}"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ._common import (
     relative_error,
     write_json,
 )
+from ._training import add_process_options, init_processes
 
 TRACES = ("rademacher", "gaussian", "exact")
 
@@ -59,37 +59,15 @@ def _add_bpd(p) -> None:
                    help="images per compiled solve")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as JSON to PATH (default: none)")
-
-
-def summarise_bpd(per_repeat: np.ndarray) -> dict:
-    """Mean bits/dim over images and what its uncertainty contains.
-
-    `per_repeat` [R, N]: bits/dim of image n in repeat r (fresh dequantization noise and probes
-    per repeat). The standard error of the mean is over images of their repeat-averaged values,
-    so it holds the spread between images and the estimator noise (dequantization and probes,
-    divided by R); with R > 1 the two are told apart: `noise_std` is the std of one repeat about
-    its image's mean, `image_std` the spread of the images' exact values (var minus noise/R).
-    """
-    per_repeat = np.asarray(per_repeat, np.float64)
-    r, n = per_repeat.shape
-    per_image = per_repeat.mean(axis=0)
-    out = {"bpd": float(per_image.mean()), "num_images": n, "repeats": r}
-    out["bpd_se"] = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    out["noise_std"] = None
-    out["image_std"] = None
-    if r > 1:
-        noise_var = float(per_repeat.var(axis=0, ddof=1).mean())
-        out["noise_std"] = math.sqrt(noise_var)
-        if n > 1:
-            between = float(per_image.var(ddof=1))
-            out["image_std"] = math.sqrt(max(between - noise_var / r, 0.0))
-    return out
+    add_process_options(p)
 
 
 def _run_bpd(args) -> int:
     import jax
 
     import probflow as pf
+
+    init_processes(args)  # a multi-process run splits the images across the processes
 
     loaded = load_model(args.checkpoint)
     ds = load_data(args.data, args.split, data_dir=args.data_dir)
@@ -103,23 +81,22 @@ def _run_bpd(args) -> int:
     if args.trace != "exact":
         options["num_probes"] = args.probes
     t0 = time.perf_counter()
-    per_repeat, nfes = [], []
+    repeats = []  # one result per repeat, over all images
     for r in range(args.repeats):
-        bpd_r = []
-        for i in range(0, n, args.batch_size):
-            res = pf.bits_per_dim(loaded.model, loaded.sde, images[i : i + args.batch_size],
-                                  key=jax.random.fold_in(jax.random.fold_in(key, r), i),
-                                  **options)
-            bpd_r.append(np.asarray(res.bpd))
-            nfes.append(np.asarray(res.nfe))
-        per_repeat.append(np.concatenate(bpd_r))
+        # Batch i (from image i) uses fold_in(fold_in(key, r), i) for any process count.
+        repeats.append(pf.distributed_bits_per_dim(
+            loaded.model, loaded.sde, images, key=jax.random.fold_in(key, r),
+            batch_size=args.batch_size, **options))
     elapsed = time.perf_counter() - t0
-    nfe = np.concatenate(nfes)
-    summary = summarise_bpd(np.stack(per_repeat))
+    nfe = np.concatenate([np.asarray(r.nfe) for r in repeats])
+    summary = pf.summarize_bits_per_dim(repeats)
     result = {
         "checkpoint": str(args.checkpoint), "data": args.data, "split": args.split,
-        **summary,
-        "bpd_per_repeat": [float(b.mean()) for b in per_repeat],
+        "num_images": n, "repeats": args.repeats,
+        # `bpd` and `bpd_se`: the mean and its standard error (everything it contains is
+        # broken down in `summary`, see pf.summarize_bits_per_dim).
+        "bpd": summary.mean, "bpd_se": summary.sem, "summary": summary.as_dict(),
+        "bpd_per_repeat": [float(np.mean(r.bpd)) for r in repeats],
         "trace": args.trace, "probes": None if args.trace == "exact" else args.probes,
         "nfe_mean": float(nfe.mean()), "nfe_max": int(nfe.max()),
         "solver": args.solver, "rtol": args.rtol, "atol": args.atol, "eps": args.eps,
@@ -129,17 +106,12 @@ def _run_bpd(args) -> int:
                "nfe mean", "nfe max", "time (s)"]
     probe = args.trace if args.trace == "exact" else f"{args.trace} x{args.probes}"
     rows = [[args.checkpoint, f"{args.data}/{args.split}", n, args.repeats, probe,
-             f"{summary['bpd']:.4f}", f"{summary['bpd_se']:.4f}", round(float(nfe.mean()), 1),
+             f"{summary.mean:.4f}", f"{summary.sem:.4f}", round(float(nfe.mean()), 1),
              int(nfe.max()), round(elapsed, 1)]]
-    print(format_table(headers, rows))
-    print(f"\nbits/dim {summary['bpd']:.4f} ± {summary['bpd_se']:.4f} (standard error of the "
-          f"mean over {n} images: the spread between images plus the dequantization and "
-          f"probe noise of {args.repeats} draw(s) per image)")
-    if summary["noise_std"] is not None:
-        spread = "-" if summary["image_std"] is None else f"{summary['image_std']:.4f}"
-        print(f"per image: spread between images {spread}, dequantization + probe noise of one "
-              f"draw {summary['noise_std']:.4f} (std over the {args.repeats} repeats)")
-    write_json(args.json, result)
+    if jax.process_index() == 0:  # in a multi-process run only process 0 reports
+        print(format_table(headers, rows))
+        print(f"\nbits/dim {summary}")
+        write_json(args.json, result)
     return 0
 
 

@@ -107,11 +107,12 @@ def add_process_options(p) -> None:
     """--coordinator/--num-processes/--process-id (or --distributed): a multi-process run."""
     g = p.add_argument_group("processes (multi-host runs, jax.distributed)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address; with --num-processes and --process-id")
+                   help="process 0's address; with --num-processes and --process-id (default: "
+                        "a single process)")
     g.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
-                   help="processes in the run (one per host)")
+                   help="processes in the run, one per host (default: 1)")
     g.add_argument("--process-id", type=int, default=None, metavar="I",
-                   help="this process's index in [0, N)")
+                   help="this process's index in [0, N) (default: 0 of 1)")
     g.add_argument("--distributed", action="store_true",
                    help="detect the processes from the cluster's environment (SLURM, Open MPI, "
                         "Kubernetes) and join them")
