@@ -35,6 +35,8 @@ from ._dpm import AbstractExponentialIntegrator as AbstractExponentialIntegrator
 from ._dpm import DPMSolver as DPMSolver
 from ._dpm import DPMSolverMultistep as DPMSolverMultistep
 from ._dpm import LogSNRTimeODE as LogSNRTimeODE
+from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
+from ._evaluate import evaluate_bits_per_dim as evaluate_bits_per_dim
 from ._loss import dsm_loss as dsm_loss
 from ._metrics import frechet_distance as frechet_distance
 from ._metrics import sliced_wasserstein as sliced_wasserstein

@@ -21,7 +21,7 @@ import dataclasses
 import jax
 
 from ._sde import VESDE, VPSDE, AbstractSDE, SubVPSDE
-from ._train import TrainConfig
+from ._train_config import TrainConfig
 from .models import DDPMpp
 
 #: The paper configs' short SDE names (also `probflow train --sde`), the one map from them.

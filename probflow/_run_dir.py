@@ -15,7 +15,7 @@ from pathlib import Path
 
 import equinox as eqx
 
-from ._checkpoint import load_training_state, save_checkpoint
+from ._checkpoint import load_training_state, save_checkpoint, serialise_sde
 from ._train_state import OPTIMIZER_DESCRIPTION, TrainState
 
 CHECKPOINT_NAME = "checkpoint.eqx"
@@ -27,8 +27,7 @@ def describe_run(model, sde, config, data_name) -> dict:
     """What `config.json` records; a resumed run must match it in everything but `steps`."""
     return {
         "model": {"class": type(model).__name__, "hyperparameters": model.hyperparameters},
-        "sde": {"class": type(sde).__name__, **{f.name: getattr(sde, f.name) for f in
-                                                   dataclasses.fields(sde)}},
+        "sde": serialise_sde(sde),
         "config": dataclasses.asdict(config),
         "optimizer": OPTIMIZER_DESCRIPTION,
         "data": data_name,

@@ -1,0 +1,192 @@
+"""The slot scheduler (`probflow/_refill.py`): per-example results independent of the batch and of
+the slot count, honest `nfe` against a host counter, agreement with the lockstep solve and the
+closed-form mixture density, on a 2-d mixture and on the shipped digits-vp U-Net.
+
+Host counts: the counter fires once per batched evaluation (see `helpers.Counting`). The
+scheduler makes 2 batched evaluations for every example's initial step size, then one step in
+every slot per iteration; which example sits in which slot is a function of the per-example step
+counts alone (finished slots, in slot order, take the next examples of the queue), so the number
+of iterations, and with it the host count, is predicted exactly from the returned `num_steps`.
+"""
+
+from __future__ import annotations
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Counting, host_count
+
+import probflow as pf
+from probflow._nfe import solver_costs
+from probflow._refill import check_refill_solver, count_refill_evaluations, refill_solve
+
+EPS = 1e-5
+TSIT5 = diffrax.Tsit5()
+
+
+CLOCKS = {"t": pf.LinearTime(), "sqrt_t": pf.SqrtTime(), "log_snr": pf.LogSNRTime()}
+
+
+@eqx.filter_jit
+def _solve(model, sde, x, probes, slots, solver, tol, time="t", max_steps=4096):
+    y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
+    make = lambda p: pf.AugmentedProbabilityFlowODE(model, sde, p)
+    (z, delta), nfe, steps, status = refill_solve(
+        make, y0, probes, EPS, sde.T, solver=solver, rtol=tol, atol=tol, slots=slots,
+        max_steps=max_steps, clock=CLOCKS[time], sde=sde,
+    )
+    return jax.vmap(sde.prior_logp)(z) + delta, nfe, steps, status
+
+
+def solve(model, sde, x, probes, slots, solver=TSIT5, tol=1e-5, time="t", max_steps=4096):
+    out = _solve(model, sde, jnp.asarray(x), probes, slots, solver, jnp.asarray(tol), time,
+                 max_steps)
+    return tuple(np.asarray(a) for a in out)
+
+
+def iterations(num_steps, slots) -> int:
+    """Loop iterations of the scheduler for these per-example step counts (host simulation)."""
+    n = len(num_steps)
+    s = min(slots, n)
+    left = [int(k) for k in num_steps[:s]]
+    active = [True] * s
+    queue, its = s, 0
+    while any(active):
+        its += 1
+        for j in range(s):
+            if active[j]:
+                left[j] -= 1
+        for j in range(s):
+            if active[j] and left[j] == 0:
+                if queue < n:
+                    left[j] = int(num_steps[queue])
+                    queue += 1
+                else:
+                    active[j] = False
+    return its
+
+
+@pytest.fixture(scope="module")
+def mixture_problem(mixture2d):
+    sde = pf.VPSDE()
+    x = np.asarray(mixture2d.sample(jax.random.key(0), 13))
+    probes = jax.random.rademacher(jax.random.key(1), (13, 1, 2), jnp.float32)
+    return mixture2d, sde, mixture2d.score_model(sde), x, probes
+
+
+def test_results_independent_of_batch_and_slots(mixture_problem):
+    _, sde, model, x, probes = mixture_problem
+    alone = [solve(model, sde, x[i : i + 1], probes[i : i + 1], 1) for i in range(len(x))]
+    logp1 = np.concatenate([a[0] for a in alone])
+    nfe1 = np.concatenate([a[1] for a in alone])
+    steps1 = np.concatenate([a[2] for a in alone])
+    assert len(set(nfe1.tolist())) > 3  # the examples really differ in cost
+    for slots in (4, 13):
+        logp, nfe, steps, status = solve(model, sde, x, probes, slots)
+        assert np.all(status == 1)
+        np.testing.assert_array_equal(nfe, nfe1)
+        np.testing.assert_array_equal(steps, steps1)
+        np.testing.assert_allclose(logp, logp1, rtol=1e-6, atol=1e-6)
+    # Another composition: reversed order, interleaved with other examples.
+    other = np.asarray(mixture_problem[0].sample(jax.random.key(7), 13))
+    xs = np.empty((26, 2), np.float32)
+    xs[0::2], xs[1::2] = x[::-1], other
+    ps = jnp.zeros((26, 1, 2), jnp.float32).at[0::2].set(probes[::-1]).at[1::2].set(probes)
+    logp, nfe, steps, _ = solve(model, sde, xs, ps, 4)
+    np.testing.assert_array_equal(nfe[0::2][::-1], nfe1)
+    # The cost follows the total (mean) steps, not the slowest example of each group of slots.
+    its = iterations(steps, 4)
+    assert its <= np.ceil(steps.sum() / 4) + steps.max()
+    assert its < sum(steps[i : i + 4].max() for i in range(0, len(xs), 4))  # lockstep groups
+    np.testing.assert_allclose(logp[0::2][::-1], logp1, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("time", ["t", "sqrt_t", "log_snr"])
+def test_exact_trace_matches_closed_form_and_lockstep(mixture_problem, time):
+    gm, sde, model, x, _ = mixture_problem
+    logp, nfe, steps, status = solve(model, sde, x, None, 4, time=time)
+    assert np.all(status == 1)
+    exact = np.asarray(gm.log_prob(jnp.asarray(x), sde=sde, t=EPS))
+    np.testing.assert_allclose(logp, exact, atol=2e-2)
+    if time != "t":
+        return
+    lock = pf.log_likelihood(model, sde, x, trace="exact", time=time)
+    np.testing.assert_allclose(logp, np.asarray(lock.logp), rtol=1e-5, atol=1e-5)
+    # Same steps (to float rounding of the initial step size); never more evaluations.
+    assert np.mean(steps == np.asarray(lock.num_steps)) >= 0.9
+    assert np.all(nfe[steps == np.asarray(lock.num_steps)] <= np.asarray(lock.nfe)[
+        steps == np.asarray(lock.num_steps)])
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [diffrax.Tsit5(), diffrax.Heun(), pf.DPMSolver(order=3)],  # FSAL, not FSAL, probflow's
+    ids=lambda s: type(s).__name__,
+)
+def test_nfe_against_host_counter(mixture_problem, solver):
+    _, sde, model, x, probes = mixture_problem
+    counted = Counting(model)
+    # One example: every evaluation is its own.
+    for i in range(3):
+        n, out = host_count(solve, counted, sde, x[i : i + 1], probes[i : i + 1], 1, solver,
+                            1e-4)
+        assert n == int(out[1][0])
+    # A batch: 2 batched initial evaluations, then one step per slot per iteration.
+    for slots in (3,):
+        n, (_, nfe, steps, _) = host_count(solve, counted, sde, x, probes, slots, solver, 1e-4)
+        _, _, later = solver_costs(solver)
+        init = solver_costs(solver)[0]
+        assert n == 2 + init + later * iterations(steps, slots)
+        np.testing.assert_array_equal(nfe, np.asarray(count_refill_evaluations(solver, steps)))
+
+
+def test_failures_are_reported(mixture_problem):
+    _, sde, model, x, probes = mixture_problem
+    *_, status = solve(model, sde, x, probes, 3, max_steps=3)
+    assert np.all(status == 2)
+    # A model that returns NaN: every step is rejected (diffrax's rule, y_error = inf) until
+    # max_steps; never reported as finished.
+    bad = lambda t, y: jnp.full_like(y, jnp.nan)
+    *_, status = solve(bad, sde, x[:2], probes[:2], 2, max_steps=3)
+    assert np.all(status == 2)
+
+
+def test_unsupported_solvers_raise():
+    t, sqrt_t = pf.LinearTime(), pf.SqrtTime()
+    with pytest.raises(ValueError, match="adaptive"):
+        check_refill_solver(diffrax.Euler(), t)
+    with pytest.raises(ValueError, match="supports"):
+        check_refill_solver(pf.DPMSolverMultistep(order=3), t)
+    with pytest.raises(ValueError, match="time='t'"):
+        check_refill_solver(pf.DPMSolver(order=3), sqrt_t)
+    with pytest.raises(ValueError, match="supports"):
+        check_refill_solver(diffrax.HalfSolver(diffrax.Tsit5()), t)
+    check_refill_solver(diffrax.Tsit5(), sqrt_t)
+
+
+def test_unet_batch_independence_and_host_count():
+    """digits-vp: alone and in a batch with 3 slots, the same nfe and (to the rounding of
+    batched convolutions) the same bits/dim; host counts as predicted."""
+    model, sde = pf.load_pretrained("digits-vp")
+    ds = pf.data.load("digits", split="test")
+    x = (np.asarray(ds.images[:5], np.float32) + 0.5) / ds.num_bins
+    probes = jax.random.rademacher(jax.random.key(2), (5, 1) + x.shape[1:], jnp.float32)
+    counted = Counting(model)
+    alone = []
+    for i in range(5):
+        n, out = host_count(solve, counted, sde, x[i : i + 1], probes[i : i + 1], 1, TSIT5,
+                            1e-3, "sqrt_t")
+        assert n == int(out[1][0])
+        alone.append(out)
+    logp1 = np.concatenate([a[0] for a in alone])
+    nfe1 = np.concatenate([a[1] for a in alone])
+    for slots in (3,):
+        n, (logp, nfe, steps, status) = host_count(solve, counted, sde, x, probes, slots, TSIT5,
+                                                   1e-3, "sqrt_t")
+        assert np.all(status == 1)
+        np.testing.assert_array_equal(nfe, nfe1)
+        np.testing.assert_allclose(logp, logp1, rtol=1e-5)
+        assert n == 2 + 6 * iterations(steps, slots)
