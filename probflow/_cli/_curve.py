@@ -139,12 +139,12 @@ def build_sweeps(solvers, tolerances, step_counts, flag: str = "--solvers"):
     given), otherwise over `step_counts`."""
     import probflow as pf
 
-    from .._ode import _has_error_estimate
+    from .._nfe import has_error_estimate
 
     sweeps = []
     for name in solvers:
         solver = make_solver(name, flag)
-        adaptive = _has_error_estimate(solver) and not isinstance(
+        adaptive = has_error_estimate(solver) and not isinstance(
             solver, pf.AbstractExponentialIntegrator)
         if adaptive and tolerances:
             sweeps.append(pf.ODESweep(label=name, solver=solver, tolerances=tuple(tolerances)))
