@@ -39,8 +39,8 @@ def count() -> int:
     return _COUNT[0]
 
 
-def host_count(fn: Callable, *args):
-    """(host-side evaluations, result) of `fn(*args)`, one solve of a `Counting` model."""
+def host_count(fn: Callable, *args, **kwargs):
+    """(host-side evaluations, result) of `fn(*args, **kwargs)`, one solve of a `Counting` model."""
     reset_count()
-    r = jax.block_until_ready(fn(*args))
+    r = jax.block_until_ready(fn(*args, **kwargs))
     return count(), r

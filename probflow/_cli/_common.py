@@ -187,8 +187,10 @@ def enable_compile_cache() -> Path | None:
     except OSError:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # Cache every program that took noticeable time to compile (JAX's default is >= 1 s).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    # Cache every program that took noticeable time to compile (JAX's default is >= 1 s);
+    # PROBFLOW_CACHE_MIN_COMPILE_SECS overrides the threshold (0: cache every program).
+    threshold = float(os.environ.get("PROBFLOW_CACHE_MIN_COMPILE_SECS", "0.1"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     # XLA:CPU logs two spurious ERROR lines for every program loaded from the cache (its
     # machine-feature check does not know the tuning features +prefer-no-gather/scatter);
