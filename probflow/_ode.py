@@ -36,7 +36,7 @@ from ._nfe import (
     has_error_estimate,
     raise_if_failed,
 )
-from ._refill import check_refill_solver, refill_log_likelihood
+from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import (
     BitsPerDimResult,
     DecodeResult,
@@ -479,12 +479,11 @@ def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
     return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi))
 
 
-#: bits_per_dim's tolerance and slots, chosen on digits-vp and an mnist-5k U-Net
-#: (docs/benchmarks.md, "Bits/dim on real networks"): a solver bias far below 1e-3 bits/dim and a
-#: test set's standard error, at half the evaluations of rtol = atol = 1e-5, which
-#: `log_likelihood` keeps (the contract's shared default) and the paper uses (RK45).
+#: bits_per_dim's tolerance, chosen on digits-vp and an mnist-5k U-Net (docs/benchmarks.md,
+#: "Bits/dim on real networks"): a solver bias far below 1e-3 bits/dim and a test set's standard
+#: error, at half the evaluations of rtol = atol = 1e-5, which `log_likelihood` keeps (the
+#: contract's shared default) and the paper uses (RK45).
 BPD_TOL = 1e-4
-BPD_SLOTS = 64
 
 
 def bits_per_dim(
@@ -500,7 +499,7 @@ def bits_per_dim(
     dtype=None,
     rtol: float = BPD_TOL,
     atol: float = BPD_TOL,
-    slots: int | None = BPD_SLOTS,
+    slots: int | str | None = "auto",
     **likelihood_options,
 ) -> BitsPerDimResult:
     """Bits per dimension of integer data under uniform dequantization.
@@ -517,11 +516,11 @@ def bits_per_dim(
     fresh `key`s, for repeated dequantization) gives the data set's mean, its standard error, and
     the spread between images and the probe noise separately.
 
-    Defaults: log_likelihood's Tsit5, at rtol = atol = 1e-4 and with `slots=64` (see
-    `log_likelihood`): on the shipped digits model and an MNIST U-Net the solver's bias is a few
-    1e-4 bits/dim, far below a test set's standard error, at about half the evaluations of 1e-5
-    (docs/benchmarks.md). The paper's setting (RK45 at 1e-5) is one option away:
-    `rtol=1e-5, atol=1e-5`; `slots=None` solves the batch in lockstep.
+    Defaults: log_likelihood's Tsit5, at rtol = atol = 1e-4, with `slots="auto"` (64 on CPU,
+    1024 on accelerators; see `log_likelihood`): on the shipped digits model and an MNIST U-Net
+    the solver's bias is a few 1e-4 bits/dim, far below a test set's standard error, at about
+    half the evaluations of 1e-5 (docs/benchmarks.md). The paper's setting (RK45 at 1e-5) is
+    one option away: `rtol=1e-5, atol=1e-5`; `slots=None` solves the batch in lockstep.
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
@@ -550,6 +549,10 @@ def bits_per_dim(
     dtype = jnp.result_type(float) if dtype is None else dtype
     k_deq, k_probe = jax.random.split(key)
     x = _dequantize(x_int, k_deq, num_bins, lo, hi, bool(dequantize), dtype)
+    if isinstance(slots, str):
+        if slots != "auto":
+            raise ValueError(f"slots must be a positive integer, None or 'auto', got {slots!r}")
+        slots = default_slots()
     r = log_likelihood(model, sde, x, key=k_probe, eps=eps, rtol=rtol, atol=atol, slots=slots,
                        **likelihood_options)
     d = math.prod(x.shape[1:])

@@ -21,7 +21,6 @@ being evaluated again, also when the first step is rejected; every attempted ste
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import diffrax
@@ -38,7 +37,13 @@ from ._sde import AbstractSDE
 from ._time import AbstractClock, LinearTime
 from ._validate import check_model, error_if_nonfinite
 
-__all__ = ["refill_solve", "check_refill_solver", "count_refill_evaluations"]
+__all__ = [
+    "check_refill_solver",
+    "count_refill_evaluations",
+    "default_slots",
+    "refill_log_likelihood",
+    "refill_solve",
+]
 
 
 class _Reversed(eqx.Module):
@@ -95,6 +100,13 @@ def count_refill_evaluations(solver, num_steps: Array) -> Array:
     init, _, later = solver_costs(solver)
     num_steps = jnp.asarray(num_steps, jnp.int32)
     return (2 + init + later * num_steps).astype(jnp.int32)
+
+
+def default_slots() -> int:
+    """`slots="auto"`: 64 on CPU, where a batched network evaluation costs the same per example
+    from a few dozen examples on and fewer slots leave fewer idle at the end; 1024 on
+    accelerators, which need wide batches to be busy."""
+    return 64 if jax.default_backend() == "cpu" else 1024
 
 
 def _leaves(tree) -> Array:
@@ -182,11 +194,6 @@ def refill_solve(
 
     if isinstance(solver, AbstractExponentialIntegrator):
         solver = solver.bind(sde, clock, None)
-    if _is_erk(solver) and solver.scan_kind is None:
-        # diffrax runs the stages in a checkpointed while loop (for reverse-mode autodiff);
-        # these solves are forward only, and a plain loop is 1.2-1.5x faster around a conv net
-        # on CPU. The arithmetic is the same.
-        solver = dataclasses.replace(solver, scan_kind="lax")
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     c0a, c1a = jnp.asarray(c0, dtype), jnp.asarray(c1, dtype)
     # diffrax rounds a next time within 100 ULPs of t1 to t1 (`_integrate._clip_to_end`).

@@ -190,3 +190,22 @@ def test_unet_batch_independence_and_host_count():
         np.testing.assert_array_equal(nfe, nfe1)
         np.testing.assert_allclose(logp, logp1, rtol=1e-5)
         assert n == 2 + 6 * iterations(steps, slots)
+
+
+def test_bits_per_dim_schedules_by_default(mixture_problem):
+    """bits_per_dim's default (slots="auto") gives the lockstep results, never at more cost."""
+    _, sde, model, _, _ = mixture_problem
+    x_int = np.random.default_rng(0).integers(0, 32, size=(9, 2))
+    opts = dict(key=jax.random.key(0), num_bins=32, data_range=(-3.0, 3.0))
+    r = pf.bits_per_dim(model, sde, x_int, **opts)
+    lock = pf.bits_per_dim(model, sde, x_int, slots=None, **opts)
+    np.testing.assert_allclose(np.asarray(r.bpd), np.asarray(lock.bpd), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(r.nfe) <= np.asarray(lock.nfe))
+    four = pf.bits_per_dim(model, sde, x_int, slots=4, **opts)
+    np.testing.assert_array_equal(np.asarray(four.nfe), np.asarray(r.nfe))
+    with pytest.raises(ValueError, match="slots"):
+        pf.bits_per_dim(model, sde, x_int, slots="fast", **opts)
+    with pytest.raises(ValueError, match="slots"):
+        pf.bits_per_dim(model, sde, x_int, slots=0, **opts)
+    with pytest.raises(ValueError, match="slots=None"):
+        pf.bits_per_dim(model, sde, x_int, solver=diffrax.HalfSolver(diffrax.Tsit5()), **opts)
