@@ -609,7 +609,7 @@ def parse(argv):
     p.add_argument("--limit", type=int, default=None,
                    help="test images per data set (default: digits 300 = all, mnist 200)")
     p.add_argument("--ref", type=int, default=None,
-                   help="images re-solved in float64 (default: digits 32, mnist 16)")
+                   help="images re-solved in float64 (default: digits 64, mnist 16)")
     p.add_argument("--slots", type=int, default=None,
                    help="probflow's slots for (b) (default: 64 on cpu, 1024 on gpu, as "
                         "bits_per_dim's slots='auto')")
@@ -662,7 +662,7 @@ def main(argv=None):
     for name in names:
         if name == "digits":
             limit = args.limit or (32 if args.quick else 300)
-            nref = args.ref or (8 if args.quick else 32)
+            nref = args.ref or (8 if args.quick else 64)
             problem = digits_problem(limit)
         elif name == "mnist":
             limit = args.limit or (16 if args.quick else 200)
