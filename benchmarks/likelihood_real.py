@@ -464,6 +464,23 @@ def evaluate_problem(problem, args, nref, log):
                      f"per batched evaluation of {slots}", time=per_example * per_eval,
                      cpu=per_example * per_eval_cpu, compile=0.0,
                      nfe_mean=float(nfe_b.mean()), nfe_max=None)
+    # More rounds, interleaved (a, b, the faster c, d), each keeping its fastest time: load from
+    # other jobs on a shared machine then falls on every method alike.
+    fast_c = min((k for k in rows if k.startswith("c")), key=lambda k: rows[k]["time"])
+    c_batch = args.paper_batches[0] if fast_c == "c" else int(fast_c[1:])
+    for _ in range(args.rounds - 1):
+        for k, fn in (("a", lambda: run_bits_per_dim(problem, key, {})),
+                      ("b", lambda: run_bits_per_dim(problem, key, best))):
+            c0 = time.process_time()
+            t = fn()[2]
+            rows[k]["time"] = min(rows[k]["time"], t)
+            rows[k]["cpu"] = min(rows[k]["cpu"], time.process_time() - c0)
+        _, _, t, _, cpu = paper_method(problem, x, probes, c_batch, log)
+        rows[fast_c]["time"], rows[fast_c]["cpu"] = (min(rows[fast_c]["time"], t),
+                                                     min(rows[fast_c]["cpu"], cpu))
+        w, c = eval_cost(problem, slots)
+        rows["d"]["time"] = min(rows["d"]["time"], per_example * w)
+        rows["d"]["cpu"] = min(rows["d"]["cpu"], per_example * c)
     # (b) and the engine on the replicated inputs must agree (checks probflow_draws).
     check = run_engine(problem, x[:nref], probes[:nref], solver=args.best_solver,
                        tol=args.best_tol, time_=args.best_time, slots=slots)[0]
@@ -621,6 +638,8 @@ def parse(argv):
     p.add_argument("--paper-batches", default="1024,32",
                    help="(c)'s batch sizes, one joint solve per batch: the paper's "
                         "evaluate.batch_size and the issue's 32; ratios use the faster")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timing rounds of (a)-(d), interleaved; each method's fastest is kept")
     p.add_argument("--train-steps", type=int, default=1500,
                    help="mnist U-Net training steps (1500: 27 min on 2 busy cores, cached; 300 "
                         "steps gave a model worse than per-pixel categoricals)")
