@@ -12,7 +12,8 @@ diffrax 0.7's own implementation (verified against a host-side counter in tests/
 - `diffrax.HalfSolver(solver)`: per attempt, a full step and a first half step from the same
   solver state, and a second half step from the first half step's state;
 - adaptive solves: 2 more evaluations for the initial step-size selection (Hairer, Norsett &
-  Wanner, II.4), which probflow performs itself (`_ode.select_initial_step`).
+  Wanner, II.4), which probflow performs itself (`select_initial_step`, here: the one
+  implementation, used by the per-example solves and by the refill loop).
 
 The attempts at the first step are counted by `FirstStepCountingController`, whose state, unlike
 the solver's, survives rejected steps.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int
 
@@ -152,6 +154,39 @@ def error_order(solver, terms) -> float:
     """diffrax's own error order (as its controller uses it; HalfSolver: order + 1)."""
     order = solver.error_order(terms)
     return 2.0 if order is None else float(order)
+
+
+def select_initial_step(vector_field, y0, t0, t1, rtol, atol, order: float):
+    """`(h, F(t0, y0))`: the first step size of an adaptive solve (Hairer, Norsett & Wanner,
+    Solving ODEs I, II.4) with its sign (t1 < t0: negative), and the first evaluation, which
+    first-same-as-last solvers can reuse as their first stage.
+
+    Two evaluations of the vector field, counted in `nfe`. diffrax's own selection is skipped for
+    wrapped terms (it then starts every solve with a step of 0.01), so probflow does it here.
+    """
+    leaves = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
+    y = leaves(y0)
+    direction = jnp.where(t1 > t0, 1.0, -1.0).astype(y.dtype)
+    span = jnp.abs(t1 - t0)
+    scale = atol + jnp.abs(y) * rtol
+    rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v / scale)))
+    f0 = vector_field(t0, y0, None)
+    d0, d1 = rms(y), rms(leaves(f0))
+    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-30))
+    # Unlike the textbook rule, never probe outside [t0, t1]: the SDE may not exist there.
+    h0 = jnp.minimum(h0, span)
+    y1 = jax.tree_util.tree_map(lambda a, f: a + direction * h0 * f, y0, f0)
+    f1 = vector_field(t0 + direction * h0, y1, None)
+    d2 = rms(leaves(f1) - leaves(f0)) / h0
+    max_d = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        max_d <= 1e-15,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / jnp.maximum(max_d, 1e-30)) ** (1 / order),
+    )
+    h = jnp.minimum(jnp.minimum(100 * h0, h1), span)
+    h = jnp.where(jnp.isfinite(h) & (h > 0), h, 1e-6)
+    return jax.lax.stop_gradient(direction * h).astype(y.dtype), f0
 
 
 def raise_if_failed(y, result, max_steps: int, what: str):

@@ -36,6 +36,7 @@ from ._nfe import (
     has_error_estimate,
     raise_if_failed,
 )
+from ._nfe import select_initial_step as _select_initial_step
 from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import (
     BitsPerDimResult,
@@ -167,33 +168,9 @@ _has_error_estimate = has_error_estimate  # the old private name, for its import
 
 
 def select_initial_step(vector_field, y0, t0: float, t1: float, opts: ODEOptions, order: float):
-    """The first step size of an adaptive solve (Hairer, Norsett & Wanner, Solving ODEs I, II.4).
-
-    Two evaluations of the vector field, counted in `nfe`. diffrax's own selection is skipped for
-    wrapped terms (it then starts every solve with a step of 0.01), so probflow does it here.
-    """
-    direction = 1.0 if t1 > t0 else -1.0
-    leaves = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
-    y = leaves(y0)
-    scale = opts.atol + jnp.abs(y) * opts.rtol
-    rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v / scale)))
-    f0 = vector_field(t0, y0, None)
-    d0, d1 = rms(y), rms(leaves(f0))
-    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-30))
-    # Unlike the textbook rule, never probe outside [t0, t1]: the SDE may not exist there.
-    h0 = jnp.minimum(h0, abs(t1 - t0))
-    y1 = jax.tree_util.tree_map(lambda a, f: a + direction * h0 * f, y0, f0)
-    f1 = vector_field(t0 + direction * h0, y1, None)
-    d2 = rms(leaves(f1) - leaves(f0)) / h0
-    max_d = jnp.maximum(d1, d2)
-    h1 = jnp.where(
-        max_d <= 1e-15,
-        jnp.maximum(1e-6, h0 * 1e-3),
-        (0.01 / jnp.maximum(max_d, 1e-30)) ** (1 / order),
-    )
-    h = jnp.minimum(jnp.minimum(100 * h0, h1), abs(t1 - t0))
-    h = jnp.where(jnp.isfinite(h) & (h > 0), h, 1e-6)
-    return jax.lax.stop_gradient(direction * h).astype(y.dtype)
+    """The first step size of an adaptive solve at `opts`' tolerances (`_nfe.select_initial_step`,
+    Hairer, Norsett & Wanner II.4; two evaluations, counted in `nfe`)."""
+    return _select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol, order)[0]
 
 
 def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde: AbstractSDE):

@@ -8,7 +8,7 @@ next example of the queue. Only the last examples leave slots idle, at most one 
 
 Per example the arithmetic is exactly that of a single-example solve: diffrax's solver step and
 `PIDController.adapt_step_size` on that example alone, diffrax's clipping of the last step, and
-the initial step size of Hairer, Norsett & Wanner (II.4) as in `_ode.select_initial_step`. So an
+the initial step size of Hairer, Norsett & Wanner (II.4) of `_nfe.select_initial_step`. So an
 example's result, step count and `nfe` do not depend on the batch, on the slot count or on its
 position in the queue (tested).
 
@@ -32,7 +32,13 @@ from jaxtyping import Array, PyTree
 
 from ._divergence import AugmentedProbabilityFlowODE
 from ._dpm import AbstractExponentialIntegrator
-from ._nfe import error_order, has_error_estimate, raise_if_failed, solver_costs
+from ._nfe import (
+    error_order,
+    has_error_estimate,
+    raise_if_failed,
+    select_initial_step,
+    solver_costs,
+)
 from ._sde import AbstractSDE
 from ._time import AbstractClock, LinearTime
 from ._validate import check_model, error_if_nonfinite
@@ -113,30 +119,6 @@ def _leaves(tree) -> Array:
     return jnp.concatenate([jnp.ravel(a) for a in jtu.tree_leaves(tree)])
 
 
-def _initial_step(vector_field, y0, t0, t1, rtol, atol, order):
-    """(h, F(t0, y0)): Hairer, Norsett & Wanner II.4, the formula of `_ode.select_initial_step`
-    (forward direction, t1 > t0), returning the first evaluation for reuse as an FSAL stage."""
-    y = _leaves(y0)
-    scale = atol + jnp.abs(y) * rtol
-    rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v / scale)))
-    f0 = vector_field(t0, y0, None)
-    d0, d1 = rms(y), rms(_leaves(f0))
-    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-30))
-    h0 = jnp.minimum(h0, t1 - t0)
-    y1 = jtu.tree_map(lambda a, f: a + h0 * f, y0, f0)
-    f1 = vector_field(t0 + h0, y1, None)
-    d2 = rms(_leaves(f1) - _leaves(f0)) / h0
-    max_d = jnp.maximum(d1, d2)
-    h1 = jnp.where(
-        max_d <= 1e-15,
-        jnp.maximum(1e-6, h0 * 1e-3),
-        (0.01 / jnp.maximum(max_d, 1e-30)) ** (1 / order),
-    )
-    h = jnp.minimum(jnp.minimum(100 * h0, h1), t1 - t0)
-    h = jnp.where(jnp.isfinite(h) & (h > 0), h, 1e-6)
-    return jax.lax.stop_gradient(h).astype(y.dtype), f0
-
-
 class _Slots(eqx.Module):
     """The loop state: per-slot solver state (leading axis S) and the per-example outputs."""
 
@@ -203,13 +185,13 @@ def refill_solve(
 
     a0 = jtu.tree_map(lambda a: a[0], args)
     term0 = diffrax.ODETerm(field(a0))
-    order = error_order(solver, term0)  # as `_ode.select_initial_step` is given
+    order = error_order(solver, term0)  # as the per-example solves give select_initial_step
     err_order = solver.error_order(term0)  # as diffrax's loop gives the controller
     fsal = _fsal(solver)
 
     # The first step of every example, batched (2 evaluations each).
     dt0, f0 = jax.vmap(
-        lambda y, a: _initial_step(field(a), y, c0a, c1a, rtol, atol, order)
+        lambda y, a: select_initial_step(field(a), y, c0a, c1a, rtol, atol, order)
     )(y0, args)
 
     def start(y, a, dt, f):

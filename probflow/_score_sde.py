@@ -560,7 +560,7 @@ def load_score_model(checkpoint: str | os.PathLike, config=None, *, ema: bool = 
             path = path / "checkpoint.eqx"
         if not path.is_file():
             raise ScoreSDEImportError(
-                f"checkpoint: no such file {spec!r} (and not a shipped model: "
+                f"no such file {spec!r} (and not a shipped model: "
                 f"{', '.join(PRETRAINED_NAMES)})"
             )
     try:

@@ -246,52 +246,55 @@ def make_sde(name: str):
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A score model named by `--checkpoint`, with what its file records about its data."""
+    """A score model named by `--checkpoint [--config]`, with what its file records about its
+    data."""
 
     name: str  # as given on the command line
     model: Any
     sde: Any
-    config: dict
     data_range: tuple[float, float]
+    num_bins: int | None  # None when the checkpoint does not record it
+    config: str | None = None  # the paper config of a checkpoint of the paper's code
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.model.shape)
 
 
-def resolve_checkpoint(spec: str) -> Path:
-    """A shipped model's name ("digits-vp") or a path (a file, or a run directory holding
-    checkpoint.eqx), as the checkpoint file's path."""
-    from .._pretrained import PRETRAINED_NAMES, pretrained_path
+def load_model(spec: str, config: str | None = None, *, ema: bool = True) -> LoadedModel:
+    """THE place where `--checkpoint SPEC [--config NAME]` becomes (model, sde): every
+    subcommand calls this.
 
-    if spec in PRETRAINED_NAMES:
-        return pretrained_path(spec)
-    path = Path(spec)
-    if not path.exists():
-        raise CLIError(
-            f"--checkpoint: no such file {spec!r} (and not a shipped model: "
-            f"{', '.join(PRETRAINED_NAMES)})"
-        )
-    if path.is_dir():
-        candidate = path / "checkpoint.eqx"
-        if not candidate.exists():
-            raise CLIError(f"--checkpoint: directory {spec!r} holds no checkpoint.eqx")
-        return candidate
-    return path
-
-
-def load_model(spec: str) -> LoadedModel:
-    """THE place where `--checkpoint SPEC` becomes (model, sde): every subcommand calls this.
-
-    Today: a shipped name or a probflow checkpoint (`pf.load_checkpoint`). Other kinds of file
-    (e.g. the paper's own checkpoints) are to be recognised here.
+    Without `config`: a shipped model's name ("digits-vp"), a probflow checkpoint file, or a run
+    directory holding checkpoint.eqx. With `config` (a name under the paper's configs/, e.g.
+    "vp/cifar10_ddpmpp_continuous"): a checkpoint of the paper's PyTorch or JAX code
+    (`pf.load_score_sde`), its EMA weights unless `ema=False`, the config's data range and 256
+    bins.
     """
-    from .._checkpoint import load_checkpoint
+    from .._checkpoint import CheckpointError
+    from .._score_sde import ScoreSDEImportError, load_score_model
 
-    model, sde, config = load_checkpoint(resolve_checkpoint(spec))
-    data_range = tuple(config.get("data_range") or (0.0, 1.0))
-    return LoadedModel(name=spec, model=model, sde=sde, config=config,
-                       data_range=(float(data_range[0]), float(data_range[1])))
+    resolved: Any = config
+    if config is not None and config.endswith(".json"):
+        # An edited config: a JSON object of its model/data/training fields.
+        try:
+            resolved = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--config: cannot read the config file {config!r} ({e})") from None
+    try:
+        model, sde, data_range, num_bins = load_score_model(spec, resolved, ema=ema)
+    except (ScoreSDEImportError, CheckpointError) as e:
+        flags = "--checkpoint" if config is None else f"--checkpoint {spec} --config {config}"
+        raise CLIError(f"{flags}: {e}") from None
+    return LoadedModel(name=spec, model=model, sde=sde,
+                       data_range=(float(data_range[0]), float(data_range[1])),
+                       num_bins=num_bins, config=config)
+
+
+def load_args_model(args, spec: str | None = None) -> LoadedModel:
+    """`load_model` for a parsed command line (`add_checkpoint_option`'s options)."""
+    return load_model(args.checkpoint if spec is None else spec, args.config,
+                      ema=not args.raw_weights)
 
 
 def load_data(name: str, split: str, data_dir=None, flag: str = "--data"):
@@ -310,10 +313,10 @@ def check_data_matches(ds, loaded: LoadedModel, flag: str = "--data") -> None:
             f"{flag} {ds.name}: examples have shape {tuple(ds.shape)} but the checkpoint's model "
             f"expects {loaded.shape}"
         )
-    if loaded.config.get("num_bins") not in (None, ds.num_bins):
+    if loaded.num_bins not in (None, ds.num_bins):
         raise CLIError(
             f"{flag} {ds.name} has {ds.num_bins} bins but the model was trained on "
-            f"{loaded.config['num_bins']}"
+            f"{loaded.num_bins}"
         )
 
 
@@ -342,11 +345,24 @@ def digits_classifier_for(ds):
 
 
 def add_checkpoint_option(p, default: str | None = "digits-vp", **kw) -> None:
+    """`--checkpoint` and, for the paper's own checkpoints, `--config` and `--raw-weights`."""
     p.add_argument(
         "--checkpoint", default=default, metavar="PATH|NAME",
         help=kw.pop("help", "a checkpoint file, a run directory, or a shipped model's name "
                             "(digits-vp, digits-subvp, digits-color-vp)"),
         **kw,
+    )
+    p.add_argument(
+        "--config", default=None, metavar="NAME",
+        help="--checkpoint is a checkpoint of the paper's code (score_sde_pytorch .pth or "
+             "score_sde flax file) trained with this config: its path under configs/ without "
+             ".py, e.g. subvp/cifar10_ddpmpp_deep_continuous (docs/paper_checkpoints.md), or "
+             "a .json file of an edited config's model/data/training fields; default: a "
+             "probflow checkpoint",
+    )
+    p.add_argument(
+        "--raw-weights", action="store_true",
+        help="with --config: load the raw weights instead of the EMA weights",
     )
 
 
@@ -355,7 +371,7 @@ def add_data_options(p, *, data: str | None = "digits", split: str = "test",
                      ) -> None:
     p.add_argument("--data", default=data, required=data is None,
                    help="a dataset name that probflow.data.load knows (digits, digits-color, "
-                        "mnist-5k, toy:NAME, tfds:NAME)")
+                        "mnist-5k, toy:NAME, tfds:NAME, npz:PATH with an images array)")
     p.add_argument("--split", default=split, help="the dataset split")
     p.add_argument("--data-dir", default=None,
                    help="directory of prepared tensorflow-datasets data, for tfds:NAME "

@@ -14,8 +14,8 @@ from ._common import (
     check_data_matches,
     digits_classifier_for,
     format_rows,
+    load_args_model,
     load_data,
-    load_model,
     make_solver,
     model_space,
     names,
@@ -213,7 +213,7 @@ def _run_nfe_curve(args) -> int:
 
     out = out_path(args.out, ".png")
     settings = settings_from(args)
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     ds = load_data(args.data, args.split)
     check_data_matches(ds, loaded)
     rows, lik = run_nfe_curve(loaded, ds, settings, eps=args.eps, seed=args.seed,

@@ -20,11 +20,10 @@ from ._common import (
     CLIError,
     Command,
     add_checkpoint_option,
-    check_data_matches,
     format_rows,
     format_table,
+    load_args_model,
     load_data,
-    load_model,
     model_space,
     nonneg_int,
     positive_int,
@@ -125,10 +124,15 @@ def _run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plan = QUICK if args.quick else dataclasses.replace(PLAN, bpd_images=args.bpd_images)
     clock = _Stopwatch()
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     model, sde, data_range = loaded.model, loaded.sde, loaded.data_range
     test = load_data("digits", "test")
-    check_data_matches(test, loaded, "digits")
+    if loaded.shape != tuple(test.shape) or loaded.num_bins not in (None, test.num_bins):
+        raise CLIError(
+            f"--checkpoint: the demo runs on the digits data (shape {tuple(test.shape)}, "
+            f"{test.num_bins} bins), this model is for shape {loaded.shape} with "
+            f"{loaded.num_bins} bins; run bpd, sample, encode or nfe-curve with --data instead"
+        )
     key = jax.random.key(args.seed)
     summary: dict = {"checkpoint": args.checkpoint}
     table = []

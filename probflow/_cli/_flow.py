@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._ode import BPD_TOL
 from ._common import (
     CLIError,
     Command,
@@ -16,8 +17,8 @@ from ._common import (
     add_output_options,
     check_data_matches,
     format_table,
+    load_args_model,
     load_data,
-    load_model,
     make_solver,
     model_space,
     nonneg_int,
@@ -33,6 +34,12 @@ from ._training import add_process_options, init_processes
 TRACES = ("rademacher", "gaussian", "exact")
 
 # ------------------------------------------------------------------------------------- bpd
+
+
+def _slots(text: str):
+    if text in ("auto", "lockstep"):
+        return None if text == "lockstep" else text
+    return positive_int(text)
 
 
 def _add_bpd(p) -> None:
@@ -51,12 +58,19 @@ def _add_bpd(p) -> None:
                    help="Hutchinson probes per image and repeat")
     p.add_argument("--solver", default="tsit5", metavar="NAME",
                    help="the ODE solver (adaptive: tsit5, dopri5, dopri8, bosh3, dpm2, dpm3)")
-    p.add_argument("--rtol", type=positive_float, default=1e-5, help="relative tolerance")
-    p.add_argument("--atol", type=positive_float, default=1e-5, help="absolute tolerance")
+    p.add_argument("--rtol", type=positive_float, default=BPD_TOL,
+                   help="relative tolerance (pf.bits_per_dim's default; the paper's is 1e-5)")
+    p.add_argument("--atol", type=positive_float, default=BPD_TOL,
+                   help="absolute tolerance (pf.bits_per_dim's default; the paper's is 1e-5)")
     p.add_argument("--eps", type=positive_float, default=1e-5,
                    help="the time the likelihood is taken at, 0 < eps < T")
-    p.add_argument("--batch-size", type=positive_int, default=100,
-                   help="images per compiled solve")
+    p.add_argument("--slots", type=_slots, default="auto", metavar="N|auto|lockstep",
+                   help="examples solved at once; a finished example's slot takes the next "
+                        "image of the batch, so the cost follows the mean NFE (auto: 64 on CPU, "
+                        "1024 on accelerators; lockstep: the whole batch in one solve)")
+    p.add_argument("--batch-size", type=positive_int, default=1000,
+                   help="images per call of pf.bits_per_dim (and per key: results depend on it); "
+                        "batches are split across the processes of a multi-process run")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as JSON to PATH (default: none)")
     add_process_options(p)
@@ -69,7 +83,7 @@ def _run_bpd(args) -> int:
 
     init_processes(args)  # a multi-process run splits the images across the processes
 
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     ds = load_data(args.data, args.split, data_dir=args.data_dir)
     check_data_matches(ds, loaded)
     images = ds.images if args.limit is None else ds.images[: args.limit]
@@ -77,7 +91,8 @@ def _run_bpd(args) -> int:
     solver = make_solver(args.solver)
     key = jax.random.key(args.seed)
     options = dict(num_bins=ds.num_bins, data_range=loaded.data_range, rtol=args.rtol,
-                   atol=args.atol, eps=args.eps, solver=solver, trace=args.trace)
+                   atol=args.atol, eps=args.eps, solver=solver, trace=args.trace,
+                   slots=args.slots)
     if args.trace != "exact":
         options["num_probes"] = args.probes
     t0 = time.perf_counter()
@@ -99,7 +114,8 @@ def _run_bpd(args) -> int:
         "bpd_per_repeat": [float(np.mean(r.bpd)) for r in repeats],
         "trace": args.trace, "probes": None if args.trace == "exact" else args.probes,
         "nfe_mean": float(nfe.mean()), "nfe_max": int(nfe.max()),
-        "solver": args.solver, "rtol": args.rtol, "atol": args.atol, "eps": args.eps,
+        "solver": args.solver, "slots": args.slots, "rtol": args.rtol, "atol": args.atol,
+        "eps": args.eps,
         "seed": args.seed, "wall_s": elapsed,
     }
     headers = ["model", "data", "images", "repeats", "trace", "bits/dim", "std err",
@@ -124,7 +140,7 @@ def _add_encode(p) -> None:
     add_ode_options(p)
     add_output_options(p, out=None, suffix=".npz", required=True,
                        out_help="the .npz file for the latents (z, x, labels, nfe, eps, "
-                                "checkpoint)")
+                                "checkpoint, config)")
 
 
 def _run_encode(args) -> int:
@@ -133,7 +149,7 @@ def _run_encode(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".npz")
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     ds = load_data(args.data, args.split, data_dir=args.data_dir)
     check_data_matches(ds, loaded)
     n = min(args.limit, len(ds))
@@ -146,7 +162,8 @@ def _run_encode(args) -> int:
     dec = pf.decode(loaded.model, loaded.sde, z, **kw)
     err = relative_error(dec.x, x)
     np.savez(out, z=z, x=x, labels=np.asarray(ds.labels[:n]), nfe=np.asarray(enc.nfe),
-             eps=args.eps, checkpoint=args.checkpoint)
+             eps=args.eps, checkpoint=args.checkpoint, config=args.config or "",
+             raw_weights=args.raw_weights)
     row = [args.checkpoint, n, round(float(np.mean(enc.nfe)), 1),
            round(float(np.mean(dec.nfe)), 1), f"{err.mean():.2e}", f"{err.max():.2e}",
            round(t_enc, 1), str(out)]
@@ -192,7 +209,11 @@ def _run_decode(args) -> int:
         raise CLIError("--checkpoint is required: the latents file does not name its model")
     if args.eps is None:
         args.eps = float(data["eps"]) if "eps" in data else 1e-3
-    loaded = load_model(checkpoint)
+    if args.checkpoint is None and args.config is None and str(data.get("config", "")):
+        # The latents' own model: a paper checkpoint also needs its config and weights choice.
+        args.config = str(data["config"])
+        args.raw_weights = bool(data.get("raw_weights", False))
+    loaded = load_args_model(args, checkpoint)
     if tuple(z.shape[1:]) != loaded.shape:
         raise CLIError(f"--latents: latents of shape {z.shape[1:]} do not fit the model's "
                        f"{loaded.shape}")

@@ -17,8 +17,8 @@ from ._common import (
     check_data_matches,
     digits_classifier_for,
     format_table,
+    load_args_model,
     load_data,
-    load_model,
     model_space,
     nonneg_int,
     ode_kwargs,
@@ -77,7 +77,7 @@ def _run_sample(args) -> int:
 
     out = out_path(args.out, ".png")
     npz = out_path(args.npz, ".npz", "--npz")
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     start = time.perf_counter()
     r = draw_samples(loaded, args, jax.random.key(args.seed))
     x = np.asarray(jax.block_until_ready(r.x))
@@ -154,7 +154,7 @@ def _run_inpaint(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     ds = load_data(args.data, args.split, data_dir=args.data_dir)
     check_data_matches(ds, loaded)
     n = min(args.limit, len(ds))
@@ -205,7 +205,7 @@ def _run_colorize(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
-    loaded = load_model(args.checkpoint)
+    loaded = load_args_model(args)
     if loaded.shape[-1] != 3:
         raise CLIError(f"--checkpoint: colorize needs a colour model (3 channels), this one "
                        f"expects examples of shape {loaded.shape}")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ._arrays import from_arrays as from_arrays
 from ._arrays import from_mixture as from_mixture
+from ._arrays import load_npz
 from ._color import load_digits_color
 from ._dataset import Dataset as Dataset
 from ._digits import DIGITS_NUM_BINS as DIGITS_NUM_BINS
@@ -33,13 +34,14 @@ _SOURCES: dict[str, Callable[[str], Dataset]] = {
 
 
 def names() -> list[str]:
-    """The dataset names that `load` knows (besides the prefix "tfds:NAME")."""
+    """The dataset names that `load` knows (besides the prefixes "tfds:NAME" and "npz:PATH")."""
     return sorted(_SOURCES)
 
 
 def load(name: str, split: str = "train", *, data_dir=None) -> Dataset:
-    """Load dataset `name` ("digits", "mnist-5k", "toy:two-moons", "tfds:NAME", ...) and
-    `split` ("train" or "test"; tfds split strings for "tfds:NAME").
+    """Load dataset `name` ("digits", "mnist-5k", "toy:two-moons", "tfds:NAME", "npz:PATH",
+    ...) and `split` ("train" or "test"; tfds split strings for "tfds:NAME"; for "npz:PATH" see
+    `load_npz`).
 
     `data_dir`: where prepared tensorflow-datasets data live (default: `TFDS_DATA_DIR` or
     ~/tensorflow_datasets); only used by "tfds:NAME", which never downloads.
@@ -50,6 +52,8 @@ def load(name: str, split: str = "train", *, data_dir=None) -> Dataset:
         from ._tfds import load_tfds
 
         return load_tfds(name[len("tfds:") :], split, data_dir=data_dir)
+    if name.startswith("npz:"):
+        return load_npz(name[len("npz:") :], split)
     try:
         source = _SOURCES[name]
     except KeyError:

@@ -129,3 +129,36 @@ def from_mixture(
         num_bins=num_bins,
         data_range=data_range,
     )
+
+
+def load_npz(path, split: str = "train") -> Dataset:
+    """A `Dataset` from a `.npz` file (`probflow.data.load("npz:PATH", split)`).
+
+    The file holds `images` (integers `[N, H, W, C]` or `[N, D]`) and optionally `labels` `[N]`
+    and `num_bins` (default 256, 8-bit images), or, one pair per split, `{split}_images` and
+    `{split}_labels` (e.g. `train_images`, `test_images`). The data range is (0, 1); commands
+    and functions that take a model map it to the model's range.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"npz:{path}: no such file (a .npz with an 'images' array)")
+    try:
+        data = np.load(p)
+    except Exception as e:
+        raise ValueError(f"npz:{path}: not a .npz file ({e})") from None
+    with data:
+        key = f"{split}_images" if f"{split}_images" in data else "images"
+        if key not in data:
+            raise ValueError(
+                f"npz:{path}: no '{split}_images' or 'images' array (holds: "
+                f"{', '.join(data.files)})"
+            )
+        if key == "images" and any(k.endswith("_images") for k in data.files):
+            raise ValueError(f"npz:{path}: no split {split!r} (holds: {', '.join(data.files)})")
+        labels_key = key.replace("images", "labels")
+        images = data[key]
+        labels = data[labels_key] if labels_key in data else None
+        num_bins = int(data["num_bins"]) if "num_bins" in data else 256
+    return from_arrays(images, labels, num_bins=num_bins, name=f"npz:{path}", split=split)
