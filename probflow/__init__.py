@@ -45,13 +45,14 @@ from ._mixture import MixtureClassifier as MixtureClassifier
 from ._mixture import MixtureScore as MixtureScore
 from ._nfe import AbstractCountedSolver as AbstractCountedSolver
 from ._nfe import count_evaluations as count_evaluations
-from ._ode import ODEOptions as ODEOptions
 from ._ode import ProbabilityFlowODE as ProbabilityFlowODE
 from ._ode import bits_per_dim as bits_per_dim
 from ._ode import decode as decode
 from ._ode import encode as encode
 from ._ode import log_likelihood as log_likelihood
 from ._ode import sample_ode as sample_ode
+from ._options import ODEOptions as ODEOptions
+from ._options import SDEOptions as SDEOptions
 from ._pc import AbstractCorrector as AbstractCorrector
 from ._pc import AbstractPredictor as AbstractPredictor
 from ._pc import AncestralSamplingPredictor as AncestralSamplingPredictor

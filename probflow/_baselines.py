@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from .data._dataset import to_model_space
+
 
 def gaussian_bpd(
     train_int, test_int, num_bins: int, *, seed: int = 0, repeats: int = 10
@@ -19,14 +21,14 @@ def gaussian_bpd(
     tr = np.asarray(train_int, np.float64).reshape(len(train_int), -1)
     te = np.asarray(test_int, np.float64).reshape(len(test_int), -1)
     d = tr.shape[1]
-    y = (tr + rng.random(tr.shape)) / num_bins
+    y = to_model_space(tr, rng.random(tr.shape), num_bins, (0.0, 1.0))
     mean = y.mean(0)
     cov = np.cov(y, rowvar=False) + 1e-9 * np.eye(d)
     chol = np.linalg.cholesky(cov)
     logdet = 2 * np.log(np.diag(chol)).sum()
     out = []
     for _ in range(repeats):
-        yt = (te + rng.random(te.shape)) / num_bins
+        yt = to_model_space(te, rng.random(te.shape), num_bins, (0.0, 1.0))
         sol = np.linalg.solve(chol, (yt - mean).T)
         logp = -0.5 * (sol**2).sum(0) - 0.5 * logdet - 0.5 * d * math.log(2 * math.pi)
         out.append(-(logp - d * math.log(num_bins)) / (d * math.log(2)))

@@ -15,7 +15,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, PRNGKeyArray
+from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._divergence import (
     DIVERGENCE_MODES,
@@ -29,7 +29,6 @@ from ._divergence import (
 from ._dpm import AbstractExponentialIntegrator
 from ._nfe import (
     FirstStepCountingController,
-    check_ode_solver,
     count_evaluations,
     error_order,
     first_step_attempts,
@@ -37,6 +36,7 @@ from ._nfe import (
     raise_if_failed,
 )
 from ._nfe import select_initial_step as _select_initial_step
+from ._options import ODEOptions, make_ode_options
 from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import (
     BitsPerDimResult,
@@ -49,17 +49,11 @@ from ._sde import AbstractSDE
 from ._time import (
     AbstractClock,
     AbstractStepSchedule,
-    LinearTime,
-    SqrtTime,
-    UniformSchedule,
-    as_clock,
-    as_schedule,
 )
 from ._validate import (
     as_float_batch,
     check_eps,
     check_model,
-    check_positive_float,
     check_positive_int,
     check_sde,
     check_shape,
@@ -81,87 +75,6 @@ class ProbabilityFlowODE(eqx.Module):
         g2 = self.sde.diffusion(t) ** 2
         out = self.sde.drift_coef(t) * y - 0.5 * g2 * self.model(t, y)
         return out.astype(y.dtype)
-
-
-class ODEOptions(eqx.Module):
-    """How to solve the probability-flow ODE: diffrax solver, tolerances or fixed steps.
-
-    The tolerances are arrays, so sweeping them (NFE-versus-quality curves) reuses one
-    compilation; everything else is static.
-    """
-
-    solver: diffrax.AbstractSolver
-    rtol: Array
-    atol: Array
-    steps: int | None = eqx.field(static=True, default=None)
-    max_steps: int = eqx.field(static=True, default=16384)
-    clock: AbstractClock = eqx.field(static=True, default_factory=lambda: as_clock("t"))
-    # The times of a fixed-step solve (None: adaptive).
-    schedule: AbstractStepSchedule | None = eqx.field(static=True, default=None)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.steps is None
-
-    @property
-    def time(self) -> str:
-        """The clock's public name ("t", "log_snr", "sqrt_t")."""
-        return self.clock.name
-
-
-def make_ode_options(
-    solver, rtol, atol, steps, max_steps, time="t", schedule=None
-) -> ODEOptions:
-    """The edge: strings become clock and schedule objects here, once. `schedule=None` is the
-    exponential integrator's own schedule, else uniform in sqrt(t) (time="t") or in the clock."""
-    if solver is None:
-        solver = diffrax.Tsit5()
-    check_ode_solver(solver)
-    rtol = check_positive_float(rtol, "rtol")
-    atol = check_positive_float(atol, "atol")
-    steps = check_positive_int(steps, "steps", allow_none=True)
-    max_steps = check_positive_int(max_steps, "max_steps")
-    clock = as_clock(time)
-    schedule = as_schedule(schedule)
-    if isinstance(solver, AbstractExponentialIntegrator):
-        solver.check_clock(clock)
-    if (
-        steps is None
-        and isinstance(solver, AbstractExponentialIntegrator)
-        and not solver.supports_adaptive
-    ):
-        raise ValueError(
-            f"steps=None needs an error estimate, which {solver!r} lacks: pass steps=N, or use "
-            "the adaptive pf.DPMSolver(order=2) or pf.DPMSolver(order=3) (DPM-Solver-12/23)"
-        )
-    if steps is None and not has_error_estimate(solver):
-        raise ValueError(
-            f"solver={type(solver).__name__} has no error estimate, so it cannot choose its own "
-            "steps: pass steps=N for N uniform steps, or an adaptive solver such as "
-            "diffrax.Tsit5()"
-        )
-    if steps is not None and steps > max_steps:
-        raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
-    if steps is None:
-        if schedule is not None:
-            raise ValueError(
-                "schedule= lays the steps of a fixed-step solve: pass steps=N with it, or "
-                "schedule=None for an adaptive solve"
-            )
-    elif schedule is None:
-        if isinstance(solver, AbstractExponentialIntegrator):
-            schedule = solver.schedule
-        elif isinstance(clock, LinearTime):
-            # Uniform in sqrt(t), as the exponential integrators' default: Heun with 10 steps
-            # has 11x less solver error on digits-vp than with steps uniform in t
-            # (docs/samplers.md, benchmarks/schedules.py).
-            schedule = UniformSchedule(SqrtTime())
-        else:
-            schedule = UniformSchedule(clock)
-    return ODEOptions(
-        solver=solver, rtol=jnp.asarray(rtol), atol=jnp.asarray(atol), steps=steps,
-        max_steps=max_steps, clock=clock, schedule=schedule,
-    )
 
 
 _has_error_estimate = has_error_estimate  # the old private name, for its importers

@@ -28,21 +28,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from ._nfe import (
-    ADAPTIVE_SDE_SOLVERS,
     count_evaluations,
-    has_error_estimate,
     raise_if_failed,
-    sde_solver_costs,
 )
+from ._options import SDEOptions, make_sde_options
 from ._results import SampleResult
 from ._sde import AbstractSDE
 from ._validate import (
     check_eps,
     check_model,
-    check_positive_float,
     check_positive_int,
     check_sde,
     check_shape,
@@ -75,56 +72,16 @@ class ReverseSDEDiffusion(eqx.Module):
 
 def _levy_area(solver) -> type:
     """The cheapest Brownian path information the solver needs (increments, or Levy area)."""
-    minimal = getattr(solver, "minimal_levy_area", diffrax.AbstractBrownianIncrement)
+    while isinstance(solver, diffrax.HalfSolver):  # the wrapped solver draws the path
+        solver = solver.solver
+    # Stochastic Runge--Kutta methods state what they need; the others use increments only.
+    minimal = (solver.minimal_levy_area if isinstance(solver, diffrax.AbstractSRK)
+               else diffrax.AbstractBrownianIncrement)
     for cls in (diffrax.BrownianIncrement, diffrax.SpaceTimeLevyArea,
                 diffrax.SpaceTimeTimeLevyArea):
         if issubclass(cls, minimal):
             return cls
     raise ValueError(f"solver={type(solver).__name__} needs an unsupported Levy area {minimal}")
-
-
-class SDEOptions(eqx.Module):
-    """How to solve the reverse SDE: diffrax solver, fixed steps or adaptive tolerances.
-
-    As in `ODEOptions`, the tolerances are arrays (a sweep reuses one compilation); the step
-    counts are static.
-    """
-
-    solver: diffrax.AbstractSolver
-    rtol: Array
-    atol: Array
-    steps: int | None = eqx.field(static=True, default=1000)
-    max_steps: int = eqx.field(static=True, default=16384)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.steps is None
-
-
-def make_sde_options(solver, steps, rtol, atol, max_steps) -> SDEOptions:
-    if not isinstance(solver, diffrax.AbstractSolver):
-        raise ValueError(
-            f"solver must be a diffrax SDE solver such as diffrax.Euler(), got "
-            f"{type(solver).__name__}"
-        )
-    sde_solver_costs(solver)
-    steps = check_positive_int(steps, "steps", allow_none=True)
-    rtol = check_positive_float(rtol, "rtol")
-    atol = check_positive_float(atol, "atol")
-    max_steps = check_positive_int(max_steps, "max_steps")
-    if steps is None and not has_error_estimate(solver, sde=True):
-        names = ", ".join(c.__name__ for c in ADAPTIVE_SDE_SOLVERS)
-        raise ValueError(
-            f"solver={type(solver).__name__} cannot choose its own steps for an SDE (no error "
-            f"estimate, or not convergent with adaptive steps): pass steps=N, or steps=None "
-            f"with one of {names}"
-        )
-    if steps is not None and steps > max_steps:
-        raise ValueError(f"steps={steps} exceeds max_steps={max_steps}; raise max_steps")
-    return SDEOptions(
-        solver=solver, rtol=jnp.asarray(rtol), atol=jnp.asarray(atol), steps=steps,
-        max_steps=max_steps,
-    )
 
 
 def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, opts: SDEOptions):

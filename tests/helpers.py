@@ -44,3 +44,26 @@ def host_count(fn: Callable, *args, **kwargs):
     reset_count()
     r = jax.block_until_ready(fn(*args, **kwargs))
     return count(), r
+
+
+# ------------------------------------------------------- the paper's checkpoints (fixtures)
+
+SCORE_SDE_DATA = __import__("pathlib").Path(__file__).parent / "data" / "score_sde"
+
+
+def score_sde_fixtures() -> dict:
+    """tests/data/score_sde/manifest.json's fixtures (scripts/make_score_sde_fixtures.py)."""
+    import json
+
+    return json.loads((SCORE_SDE_DATA / "manifest.json").read_text())["fixtures"]
+
+
+def score_sde_fixture_config(fid: str) -> dict:
+    """A fixture's config: the named paper config with the fixture's (small) overrides."""
+    import probflow as pf
+
+    f = score_sde_fixtures()[fid]
+    cfg = pf.score_sde_config(f["base"])
+    cfg["model"].update(f["model"])
+    cfg["data"].update(f["data"])
+    return cfg

@@ -10,21 +10,14 @@ import diffrax
 import jax
 import numpy as np
 import pytest
+from helpers import SCORE_SDE_DATA, score_sde_fixture_config
 
 import probflow as pf
 from probflow._cli import main
 
-DATA = Path(__file__).parent / "data" / "score_sde"
-FIXTURES = json.loads((DATA / "manifest.json").read_text())["fixtures"]
+DATA = SCORE_SDE_DATA
 SUFFIX = {"torch": ".pth", "flax": ".msgpack"}
-
-
-def _config(fid: str) -> dict:
-    f = FIXTURES[fid]
-    cfg = pf.score_sde_config(f["base"])
-    cfg["model"].update(f["model"])
-    cfg["data"].update(f["data"])
-    return cfg
+_config = score_sde_fixture_config
 
 
 @pytest.fixture(scope="module")

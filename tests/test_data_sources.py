@@ -271,3 +271,32 @@ def test_8bit_data_work_with_bits_per_dim():
     model = pf.models.MLP(2, sde=sde, width=8, depth=1, key=jax.random.key(0))
     r = pf.bits_per_dim(model, sde, ds.images, key=jax.random.key(1), num_bins=256, steps=4)
     assert np.all(np.isfinite(np.asarray(r.bpd)))
+
+
+def test_npz_source_reads_splits_labels_and_bins(tmp_path):
+    rng = np.random.default_rng(1)
+    tr, te = rng.integers(0, 17, (5, 8, 8, 1)), rng.integers(0, 17, (3, 8, 8, 1))
+    path = tmp_path / "d.npz"
+    np.savez(path, train_images=tr, test_images=te, test_labels=np.array([2, 0, 1]), num_bins=17)
+    test = pf.data.load(f"npz:{path}", "test")
+    assert test.num_bins == 17 and test.data_range == (0.0, 1.0)
+    np.testing.assert_array_equal(test.images, te)
+    np.testing.assert_array_equal(test.labels, [2, 0, 1])
+    train = pf.data.load(f"npz:{path}", "train")
+    np.testing.assert_array_equal(train.images, tr)
+    assert (np.asarray(train.labels) == -1).all()  # no train_labels: unlabelled
+    np.testing.assert_allclose(test.to_model_space(), (te + 0.5) / 17)
+    with pytest.raises(ValueError, match="no split 'valid'"):
+        pf.data.load(f"npz:{path}", "valid")
+    single = tmp_path / "s.npz"
+    np.savez(single, images=rng.integers(0, 256, (2, 4)).astype(np.uint8))
+    assert pf.data.load(f"npz:{single}", "anything").num_bins == 256
+    with pytest.raises(ValueError, match="no such file"):
+        pf.data.load(f"npz:{tmp_path / 'missing.npz'}")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros(3))
+    with pytest.raises(ValueError, match="'images'"):
+        pf.data.load(f"npz:{bad}")
+    with pytest.raises(ValueError, match=r"\[0, num_bins\)"):
+        np.savez(bad, images=np.full((1, 2), 300))
+        pf.data.load(f"npz:{bad}")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 import pytest
+from helpers import score_sde_fixture_config
 
 import probflow as pf
 from probflow._score_sde import build_network, load_score_model
@@ -40,13 +41,7 @@ def files(tmp_path_factory):
     return paths
 
 
-def config_of(fid: str) -> dict:
-    """The fixture's config: the named config with the fixture's (small) overrides."""
-    f = FIXTURES[fid]
-    cfg = pf.score_sde_config(f["base"])
-    cfg["model"].update(f["model"])
-    cfg["data"].update(f["data"])
-    return cfg
+config_of = score_sde_fixture_config
 
 
 def rel_err(a, b) -> float:

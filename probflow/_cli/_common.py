@@ -76,30 +76,25 @@ def unit_float(text: str) -> float:
     return v
 
 
+def _number_list(text: str, cast, ok, what: str) -> tuple:
+    """Comma-separated numbers ("" for none), each `cast` and passing `ok`."""
+    try:
+        vals = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = None
+    if vals is None or not all(ok(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return vals
+
+
 def positive_floats(text: str) -> tuple[float, ...]:
     """Comma-separated positive numbers ("" for none)."""
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive numbers, got {text!r}"
-        ) from None
-    if any(not (math.isfinite(v) and v > 0) for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return vals
+    return _number_list(text, float, lambda v: math.isfinite(v) and v > 0, "positive numbers")
 
 
 def positive_ints(text: str) -> tuple[int, ...]:
     """Comma-separated positive integers ("" for none)."""
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
+    return _number_list(text, int, lambda v: v >= 1, "integers >= 1")
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -318,6 +313,19 @@ def check_data_matches(ds, loaded: LoadedModel, flag: str = "--data") -> None:
             f"{flag} {ds.name} has {ds.num_bins} bins but the model was trained on "
             f"{loaded.num_bins}"
         )
+
+
+def load_model_and_data(args, check_model: Callable[[LoadedModel], None] | None = None):
+    """`(loaded, ds, x)`: the command line's model (first passed to `check_model`), its data set
+    checked against it, and the first `--limit` examples at their bins' centres in the model's
+    data range."""
+    loaded = load_args_model(args)
+    if check_model is not None:
+        check_model(loaded)
+    ds = load_data(args.data, args.split, data_dir=args.data_dir)
+    check_data_matches(ds, loaded)
+    n = min(args.limit, len(ds))
+    return loaded, ds, model_space(ds, loaded, n)
 
 
 def model_space(ds, loaded: LoadedModel, n: int | None = None):

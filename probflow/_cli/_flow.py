@@ -19,8 +19,8 @@ from ._common import (
     format_table,
     load_args_model,
     load_data,
+    load_model_and_data,
     make_solver,
-    model_space,
     nonneg_int,
     ode_kwargs,
     out_path,
@@ -149,11 +149,8 @@ def _run_encode(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".npz")
-    loaded = load_args_model(args)
-    ds = load_data(args.data, args.split, data_dir=args.data_dir)
-    check_data_matches(ds, loaded)
-    n = min(args.limit, len(ds))
-    x = model_space(ds, loaded, n)
+    loaded, ds, x = load_model_and_data(args)
+    n = len(x)
     kw = ode_kwargs(args)
     start = time.perf_counter()
     enc = pf.encode(loaded.model, loaded.sde, x, **kw)

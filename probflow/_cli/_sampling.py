@@ -14,12 +14,10 @@ from ._common import (
     add_data_options,
     add_ode_options,
     add_output_options,
-    check_data_matches,
     digits_classifier_for,
     format_table,
     load_args_model,
-    load_data,
-    model_space,
+    load_model_and_data,
     nonneg_int,
     ode_kwargs,
     out_path,
@@ -154,11 +152,8 @@ def _run_inpaint(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
-    loaded = load_args_model(args)
-    ds = load_data(args.data, args.split, data_dir=args.data_dir)
-    check_data_matches(ds, loaded)
-    n = min(args.limit, len(ds))
-    x = model_space(ds, loaded, n)
+    loaded, ds, x = load_model_and_data(args)
+    n = len(x)
     lo, hi = loaded.data_range
     mask = make_mask(args.mask, loaded.shape, args.seed)
     opts = {} if args.particles == 1 else {"corrector": None}
@@ -205,14 +200,13 @@ def _run_colorize(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
-    loaded = load_args_model(args)
-    if loaded.shape[-1] != 3:
-        raise CLIError(f"--checkpoint: colorize needs a colour model (3 channels), this one "
-                       f"expects examples of shape {loaded.shape}")
-    ds = load_data(args.data, args.split, data_dir=args.data_dir)
-    check_data_matches(ds, loaded)
-    n = min(args.limit, len(ds))
-    x = model_space(ds, loaded, n)
+    def colour(loaded):
+        if loaded.shape[-1] != 3:
+            raise CLIError(f"--checkpoint: colorize needs a colour model (3 channels), this one "
+                           f"expects examples of shape {loaded.shape}")
+
+    loaded, ds, x = load_model_and_data(args, colour)
+    n = len(x)
     gray = x.mean(-1, keepdims=True)
     start = time.perf_counter()
     r = pf.colorize(loaded.model, loaded.sde, gray, key=jax.random.key(args.seed),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._dataset import Dataset
-from ._toy import quantise
+from ._dataset import Dataset, quantise
 
 
 def _check_bins(num_bins) -> int:
@@ -150,13 +149,13 @@ def load_npz(path, split: str = "train") -> Dataset:
         raise ValueError(f"npz:{path}: not a .npz file ({e})") from None
     with data:
         key = f"{split}_images" if f"{split}_images" in data else "images"
+        if key == "images" and any(k.endswith("_images") for k in data.files):
+            raise ValueError(f"npz:{path}: no split {split!r} (holds: {', '.join(data.files)})")
         if key not in data:
             raise ValueError(
                 f"npz:{path}: no '{split}_images' or 'images' array (holds: "
                 f"{', '.join(data.files)})"
             )
-        if key == "images" and any(k.endswith("_images") for k in data.files):
-            raise ValueError(f"npz:{path}: no split {split!r} (holds: {', '.join(data.files)})")
         labels_key = key.replace("images", "labels")
         images = data[key]
         labels = data[labels_key] if labels_key in data else None

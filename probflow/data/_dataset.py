@@ -94,6 +94,14 @@ def to_model_space(levels, u, num_bins: int, data_range) -> Array:
     return lo + (hi - lo) * (levels + u) / num_bins
 
 
+def quantise(y, *, num_bins: int, data_range: tuple[float, float]) -> np.ndarray:
+    """The inverse of `to_model_space` (u = 0): the level `floor((y - lo) / (hi - lo) *
+    num_bins)` of each value, clipped to `[0, num_bins)`, as int32."""
+    lo, hi = data_range
+    k = np.floor((np.asarray(y, np.float64) - lo) / (hi - lo) * num_bins)
+    return np.clip(k, 0, num_bins - 1).astype(np.int32)
+
+
 def split_indices(n: int, num_test: int, seed: int, split: str, name: str) -> np.ndarray:
     """Indices of `split` in a fixed split of `n` examples: `default_rng(seed).permutation(n)`,
     its first `n - num_test` entries for "train", the rest for "test"; "all" is every example."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._dataset import Dataset
+from ._dataset import Dataset, quantise
 
 TOY_DATA_RANGE = (-4.0, 4.0)
 TOY_NUM_BINS = 256
@@ -62,11 +62,6 @@ TOY_GENERATORS = {
 }
 
 
-def quantise(y, *, num_bins: int, data_range: tuple[float, float]) -> np.ndarray:
-    """`floor((y - lo) / (hi - lo) * num_bins)` clipped to `[0, num_bins)`, as int32."""
-    lo, hi = data_range
-    k = np.floor((np.asarray(y, np.float64) - lo) / (hi - lo) * num_bins)
-    return np.clip(k, 0, num_bins - 1).astype(np.int32)
 
 
 def toy_draws(kind: str, split: str) -> tuple[np.ndarray, np.ndarray]:

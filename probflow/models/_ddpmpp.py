@@ -26,6 +26,7 @@ init_scale = 0) are exactly zero here, so an untrained score is exactly 0.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -291,9 +292,9 @@ class AttnBlock(eqx.Module):
         return _rescale(x, out, self.skip_rescale)
 
 
-class Downsample(eqx.Module):
-    """Downsample by 2: FIR-filtered (then a valid strided 3x3 conv: conv_downsample_2d) or, without
-    FIR, 2x2 mean pooling (or a stride-2 3x3 conv with 'SAME' padding (0, 1))."""
+class AbstractResample(eqx.Module):
+    """Resampling by 2, with an optional 3x3 conv and optional FIR filtering (the fields and
+    constructor shared by `Downsample` and `Upsample`)."""
 
     conv: Conv2d | None
     fir: bool = eqx.field(static=True)
@@ -303,6 +304,14 @@ class Downsample(eqx.Module):
         c_out = c_in if c_out is None else c_out
         self.conv = Conv2d(c_in, c_out, 3, key=key) if with_conv else None
         self.fir, self.fir_kernel = bool(fir), tuple(float(v) for v in fir_kernel)
+
+    @abc.abstractmethod
+    def __call__(self, x): ...
+
+
+class Downsample(AbstractResample):
+    """Downsample by 2: FIR-filtered (then a valid strided 3x3 conv: conv_downsample_2d) or, without
+    FIR, 2x2 mean pooling (or a stride-2 3x3 conv with 'SAME' padding (0, 1))."""
 
     def __call__(self, x):
         if self.conv is None:
@@ -315,18 +324,9 @@ class Downsample(eqx.Module):
         return _conv(x, self.conv, stride=2, padding="VALID")
 
 
-class Upsample(eqx.Module):
+class Upsample(AbstractResample):
     """Upsample by 2: FIR-filtered (a transposed 3x3 conv then the filter: upsample_conv_2d) or,
     without FIR, nearest-neighbour (then a 3x3 conv)."""
-
-    conv: Conv2d | None
-    fir: bool = eqx.field(static=True)
-    fir_kernel: tuple[float, ...] = eqx.field(static=True)
-
-    def __init__(self, c_in, c_out=None, *, with_conv, fir, fir_kernel=_FIR_KERNEL, key):
-        c_out = c_in if c_out is None else c_out
-        self.conv = Conv2d(c_in, c_out, 3, key=key) if with_conv else None
-        self.fir, self.fir_kernel = bool(fir), tuple(float(v) for v in fir_kernel)
 
     def __call__(self, x):
         if self.conv is None:
