@@ -55,8 +55,59 @@ _SUPPORTED = (
 )
 
 
-def solver_costs(solver) -> Costs:
-    """(evaluations at init, per attempt at the first step, per later attempt) of `solver`."""
+# The one cost table: score evaluations (at initialisation, per attempt at the first step, per
+# later attempt) of every supported solver whose costs do not follow from an explicit Runge--Kutta
+# tableau, and whether it solves ODEs and/or SDEs here. Measured against a host-side counter
+# (tests/test_nfe.py, tests/test_samplers.py); the SDE's diffusion term never calls the model, and
+# no SDE solver here carries an evaluation from one step to the next (no FSAL tableau).
+_COSTS: dict[type, tuple[Costs, bool, bool]] = {  # type: (costs, solves ODEs, solves SDEs)
+    diffrax.Euler: ((0, 1, 1), True, True),
+    diffrax.LeapfrogMidpoint: ((0, 1, 1), True, False),
+    diffrax.ReversibleHeun: ((1, 1, 1), True, True),
+    diffrax.EulerHeun: ((0, 1, 1), False, True),
+    diffrax.ItoMilstein: ((0, 1, 1), False, True),
+    diffrax.StratonovichMilstein: ((0, 1, 1), False, True),
+    diffrax.SEA: ((0, 1, 1), False, True),
+    diffrax.SRA1: ((0, 2, 2), False, True),
+    diffrax.ShARK: ((0, 2, 2), False, True),
+    diffrax.GeneralShARK: ((0, 2, 2), False, True),
+    diffrax.SPaRK: ((0, 3, 3), False, True),
+    diffrax.SlowRK: ((0, 2, 2), False, True),
+}
+# Explicit Runge--Kutta tableaus that also solve the (Stratonovich, additive-noise) reverse SDE;
+# their costs follow from the tableau, as for ODEs.
+_SDE_TABLEAU_SOLVERS = (diffrax.Heun, diffrax.Midpoint, diffrax.Ralston)
+# SDE solvers with an error estimate that diffrax accepts for adaptive SDE solves.
+ADAPTIVE_SDE_SOLVERS = (diffrax.Heun, diffrax.ReversibleHeun, diffrax.SRA1, diffrax.ShARK,
+                        diffrax.SPaRK)
+
+
+def _tableau_costs(solver) -> Costs | None:
+    if isinstance(solver, diffrax.AbstractRungeKutta):
+        tableau = solver.tableau
+        if isinstance(tableau, diffrax.ButcherTableau) and not tableau.implicit:
+            stages = len(tableau.c) + 1
+            return 0, stages, stages - 1 if tableau.fsal else stages
+    return None
+
+
+def solver_costs(solver, *, sde: bool = False) -> Costs:
+    """(evaluations at init, per attempt at the first step, per later attempt) of `solver` in an
+    ODE solve, or with `sde=True` in a reverse-SDE solve: the one cost table of every family."""
+    if sde:
+        entry = _COSTS.get(type(solver))
+        costs = entry[0] if entry is not None and entry[2] else None
+        if costs is None and type(solver) in _SDE_TABLEAU_SOLVERS:
+            costs = _tableau_costs(solver)
+        if costs is None:
+            names = sorted([c.__name__ for c, e in _COSTS.items() if e[2]]
+                           + [c.__name__ for c in _SDE_TABLEAU_SOLVERS])
+            raise ValueError(
+                f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
+                f"score evaluations exactly and knows how for the diffrax SDE solvers "
+                f"{', '.join(names)}"
+            )
+        return costs
     if isinstance(solver, AbstractCountedSolver):
         return solver.evaluation_costs()
     # First: diffrax's isinstance sees through wrapped solvers (HalfSolver(Euler()) "is" Euler).
@@ -78,58 +129,19 @@ def solver_costs(solver) -> Costs:
         # The full step and the first half step start from the step's solver state; the second
         # half step from the first half step's (after which FSAL is available).
         return init, 2 * first + later, 3 * later
-    if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
-        return 0, 1, 1
-    if isinstance(solver, diffrax.ReversibleHeun):
-        return 1, 1, 1
-    if isinstance(solver, diffrax.AbstractRungeKutta):
-        tableau = solver.tableau
-        if isinstance(tableau, diffrax.ButcherTableau) and not tableau.implicit:
-            stages = len(tableau.c) + 1
-            return 0, stages, stages - 1 if tableau.fsal else stages
-    raise ValueError(
-        f"solver={type(solver).__name__} is not supported: probflow counts score evaluations "
-        f"exactly and knows how for {_SUPPORTED}"
-    )
-
-
-# Score evaluations per step of each supported SDE solver: (at initialisation, per step). Measured
-# against a host-side counter (tests/test_samplers.py, tests/test_nfe.py); the diffusion term never
-# calls the model. None of these solvers carries an evaluation from one step to the next (no FSAL
-# tableau), so every attempted step, rejected or accepted, first or later, costs the same.
-_SDE_SOLVER_COST: dict[type, tuple[int, int]] = {
-    diffrax.Euler: (0, 1),
-    diffrax.EulerHeun: (0, 1),
-    diffrax.ItoMilstein: (0, 1),
-    diffrax.StratonovichMilstein: (0, 1),
-    diffrax.Heun: (0, 2),
-    diffrax.Midpoint: (0, 2),
-    diffrax.Ralston: (0, 2),
-    diffrax.ReversibleHeun: (1, 1),
-    diffrax.SEA: (0, 1),
-    diffrax.SRA1: (0, 2),
-    diffrax.ShARK: (0, 2),
-    diffrax.GeneralShARK: (0, 2),
-    diffrax.SPaRK: (0, 3),
-    diffrax.SlowRK: (0, 2),
-}
-# SDE solvers with an error estimate that diffrax accepts for adaptive SDE solves.
-ADAPTIVE_SDE_SOLVERS = (diffrax.Heun, diffrax.ReversibleHeun, diffrax.SRA1, diffrax.ShARK,
-                        diffrax.SPaRK)
+    entry = _COSTS.get(type(solver))
+    costs = entry[0] if entry is not None and entry[1] else _tableau_costs(solver)
+    if costs is None:
+        raise ValueError(
+            f"solver={type(solver).__name__} is not supported: probflow counts score evaluations "
+            f"exactly and knows how for {_SUPPORTED}"
+        )
+    return costs
 
 
 def sde_solver_costs(solver) -> Costs:
-    """(evaluations at init, per attempt at the first step, per later attempt) of an SDE solve
-    with `solver` (the same for every attempt: no SDE solver here is FSAL)."""
-    cost = _SDE_SOLVER_COST.get(type(solver))
-    if cost is None:
-        names = ", ".join(sorted(c.__name__ for c in _SDE_SOLVER_COST))
-        raise ValueError(
-            f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
-            f"score evaluations exactly and knows how for the diffrax SDE solvers {names}"
-        )
-    init, per_step = cost
-    return init, per_step, per_step
+    """`solver_costs(solver, sde=True)`."""
+    return solver_costs(solver, sde=True)
 
 
 def has_error_estimate(solver, *, sde: bool = False) -> bool:
@@ -223,7 +235,7 @@ def count_evaluations(
     probflow's initial step selection (ODE solves); `sde`: an SDE solve (`sde_solver_costs`)."""
     num_steps = jnp.asarray(num_steps, jnp.int32)
     first = jnp.clip(jnp.asarray(first_step_attempts, jnp.int32), 0, num_steps)
-    init, on_first, later = sde_solver_costs(solver) if sde else solver_costs(solver)
+    init, on_first, later = solver_costs(solver, sde=sde)
     nfe = init + on_first * first + later * (num_steps - first)
     if adaptive:
         nfe = nfe + 2

@@ -373,7 +373,16 @@ def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
 #: "Bits/dim on real networks"): a solver bias far below 1e-3 bits/dim and a test set's standard
 #: error, at half the evaluations of rtol = atol = 1e-5, which `log_likelihood` keeps (the
 #: contract's shared default) and the paper uses (RK45).
-BPD_TOL = 1e-4
+#: bits_per_dim's defaults: Dopri5 in sqrt(t) time at rtol = atol = 3e-4, from the
+#: work-precision sweep of benchmarks/likelihood_real.py (docs/benchmarks.md): on the shipped
+#: digits U-Net and an MNIST U-Net the fastest setting whose bias stays far below 1e-3 bits/dim.
+BPD_TOL = 3e-4
+BPD_TIME = "sqrt_t"
+
+
+def bpd_solver() -> diffrax.AbstractSolver:
+    """bits_per_dim's default solver (a fresh `diffrax.Dopri5()`)."""
+    return diffrax.Dopri5()
 
 
 def bits_per_dim(
@@ -387,8 +396,10 @@ def bits_per_dim(
     dequantize: bool = True,
     eps: float = 1e-5,
     dtype=None,
+    solver: diffrax.AbstractSolver | None = None,
     rtol: float = BPD_TOL,
     atol: float = BPD_TOL,
+    time: str | AbstractClock | None = None,
     slots: int | str | None = "auto",
     **likelihood_options,
 ) -> BitsPerDimResult:
@@ -406,11 +417,14 @@ def bits_per_dim(
     fresh `key`s, for repeated dequantization) gives the data set's mean, its standard error, and
     the spread between images and the probe noise separately.
 
-    Defaults: log_likelihood's Tsit5, at rtol = atol = 1e-4, with `slots="auto"` (64 on CPU,
-    1024 on accelerators; see `log_likelihood`): on the shipped digits model and an MNIST U-Net
-    the solver's bias is a few 1e-4 bits/dim, far below a test set's standard error, at about
-    half the evaluations of 1e-5 (docs/benchmarks.md). The paper's setting (RK45 at 1e-5) is
-    one option away: `rtol=1e-5, atol=1e-5`; `slots=None` solves the batch in lockstep.
+    Defaults: `diffrax.Dopri5()` solving in sqrt(t) time (`time=None`: "sqrt_t" for diffrax
+    solvers, "t" for the exponential integrators) at rtol = atol = 3e-4, with `slots="auto"`
+    (on CPU 64 slots for examples of up to 512 dimensions, 32 up to 2048, else 16; 1024 on
+    accelerators; see `log_likelihood`). On the shipped digits model and an MNIST U-Net the
+    solver's bias of the mean is a few 1e-4 bits/dim or less, far below a test set's standard
+    error, at less than half the evaluations of Tsit5 at 1e-5 (docs/benchmarks.md). The
+    paper's setting is one option away: `solver=diffrax.Dopri5(), rtol=1e-5, atol=1e-5,
+    time="t"` (its RK45 is Dormand--Prince 5(4)); `slots=None` solves the batch in lockstep.
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
@@ -442,9 +456,13 @@ def bits_per_dim(
     if isinstance(slots, str):
         if slots != "auto":
             raise ValueError(f"slots must be a positive integer, None or 'auto', got {slots!r}")
-        slots = default_slots()
-    r = log_likelihood(model, sde, x, key=k_probe, eps=eps, rtol=rtol, atol=atol, slots=slots,
-                       **likelihood_options)
+        slots = default_slots(math.prod(x.shape[1:]))
+    if solver is None:
+        solver = bpd_solver()
+    if time is None:
+        time = "t" if isinstance(solver, AbstractExponentialIntegrator) else BPD_TIME
+    r = log_likelihood(model, sde, x, key=k_probe, eps=eps, solver=solver, rtol=rtol, atol=atol,
+                       time=time, slots=slots, **likelihood_options)
     d = math.prod(x.shape[1:])
     bpd = -(r.logp + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))
     bpd_probes = -(r.logp_probes + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))

@@ -108,11 +108,15 @@ def count_refill_evaluations(solver, num_steps: Array) -> Array:
     return (2 + init + later * num_steps).astype(jnp.int32)
 
 
-def default_slots() -> int:
-    """`slots="auto"`: 64 on CPU, where a batched network evaluation costs the same per example
-    from a few dozen examples on and fewer slots leave fewer idle at the end; 1024 on
-    accelerators, which need wide batches to be busy."""
-    return 64 if jax.default_backend() == "cpu" else 1024
+def default_slots(example_size: int) -> int:
+    """`slots="auto"` for examples of `example_size` dimensions. On CPU the cost per example of a
+    batched evaluation stops falling at a few dozen examples, and fewer slots leave fewer idle
+    at the end: 64 slots up to 512 dimensions (8x8 digits), 32 up to 2048 (28x28 MNIST), else 16
+    (measured with benchmarks/likelihood_real.py: MNIST took 34 s with 32 slots, 40 s with 64
+    and 16). Accelerators need wide batches to be busy: 1024."""
+    if jax.default_backend() != "cpu":
+        return 1024
+    return 64 if example_size <= 512 else 32 if example_size <= 2048 else 16
 
 
 def _leaves(tree) -> Array:

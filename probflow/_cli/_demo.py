@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._ode import BPD_TOL
 from ._common import (
     CLIError,
     Command,
@@ -56,9 +57,9 @@ PLAN = DemoPlan(
     sde_steps=100,
     pc_steps=100,
     bpd_images=300,
-    # Tsit5 at 1e-4 is off the 1e-6 solve by 4e-4 bits/dim (`probflow nfe-curve`'s likelihood
-    # rows), 40x below the standard error over 300 images, at half the cost of 1e-5.
-    bpd_tol=1e-4,
+    # pf.bits_per_dim's default (Dopri5 in sqrt(t) time at 3e-4): its bias on this model is
+    # 2e-4 bits/dim, 70x below the standard error over 300 images (docs/benchmarks.md).
+    bpd_tol=BPD_TOL,
     # `probflow nfe-curve`'s default sweep on the grids' 64 samples; the stochastic samplers at
     # the grids' 100 steps only (each step count is a compilation of its own).
     curve=dataclasses.replace(DEFAULT, num_samples=64, sde_steps=(100,), likelihood_images=0),
@@ -70,7 +71,7 @@ QUICK = DemoPlan(
     sde_steps=10,
     pc_steps=10,
     bpd_images=8,
-    bpd_tol=1e-4,
+    bpd_tol=BPD_TOL,
     curve=dataclasses.replace(DEFAULT, num_samples=8, solvers=("euler", "tsit5"),
                               tolerances=(1e-2,), ode_steps=(4,), sde_steps=(10,),
                               stochastic=("reverse-sde",), likelihood_images=0),
@@ -138,7 +139,7 @@ def _run_demo(args) -> int:
     table = []
     bar = progress_bar(6, "demo")
 
-    # 1. Test-set bits/dim (uniform dequantization, Tsit5 at rtol = atol = plan.bpd_tol,
+    # 1. Test-set bits/dim (uniform dequantization, bits_per_dim's solver at plan.bpd_tol,
     #    eps = 1e-5, one Rademacher probe per image).
     n_bpd = min(plan.bpd_images, len(test))
     with clock("bpd"):

@@ -56,8 +56,12 @@ def _add_bpd(p) -> None:
                         "(one JVP per dimension)")
     p.add_argument("--probes", type=positive_int, default=1, metavar="K",
                    help="Hutchinson probes per image and repeat")
-    p.add_argument("--solver", default="tsit5", metavar="NAME",
-                   help="the ODE solver (adaptive: tsit5, dopri5, dopri8, bosh3, dpm2, dpm3)")
+    p.add_argument("--solver", default="dopri5", metavar="NAME",
+                   help="the ODE solver (adaptive: tsit5, dopri5, dopri8, bosh3, dpm2, dpm3; "
+                        "pf.bits_per_dim's default; the paper's RK45 is dopri5)")
+    p.add_argument("--time", choices=("t", "sqrt_t", "log_snr"), default=None,
+                   help="the clock the ODE is solved in (default: pf.bits_per_dim's, sqrt_t, "
+                        "or t for the dpm solvers; the paper's is t)")
     p.add_argument("--rtol", type=positive_float, default=BPD_TOL,
                    help="relative tolerance (pf.bits_per_dim's default; the paper's is 1e-5)")
     p.add_argument("--atol", type=positive_float, default=BPD_TOL,
@@ -66,8 +70,9 @@ def _add_bpd(p) -> None:
                    help="the time the likelihood is taken at, 0 < eps < T")
     p.add_argument("--slots", type=_slots, default="auto", metavar="N|auto|lockstep",
                    help="examples solved at once; a finished example's slot takes the next "
-                        "image of the batch, so the cost follows the mean NFE (auto: 64 on CPU, "
-                        "1024 on accelerators; lockstep: the whole batch in one solve)")
+                        "image of the batch, so the cost follows the mean NFE (auto: on CPU 64, "
+                        "32 or 16 by image size, 1024 on accelerators; lockstep: the whole "
+                        "batch in one solve)")
     p.add_argument("--batch-size", type=positive_int, default=1000,
                    help="images per call of pf.bits_per_dim (and per key: results depend on it); "
                         "batches are split across the processes of a multi-process run")
@@ -92,7 +97,7 @@ def _run_bpd(args) -> int:
     key = jax.random.key(args.seed)
     options = dict(num_bins=ds.num_bins, data_range=loaded.data_range, rtol=args.rtol,
                    atol=args.atol, eps=args.eps, solver=solver, trace=args.trace,
-                   slots=args.slots)
+                   slots=args.slots, time=args.time)
     if args.trace != "exact":
         options["num_probes"] = args.probes
     t0 = time.perf_counter()
@@ -114,8 +119,8 @@ def _run_bpd(args) -> int:
         "bpd_per_repeat": [float(np.mean(r.bpd)) for r in repeats],
         "trace": args.trace, "probes": None if args.trace == "exact" else args.probes,
         "nfe_mean": float(nfe.mean()), "nfe_max": int(nfe.max()),
-        "solver": args.solver, "slots": args.slots, "rtol": args.rtol, "atol": args.atol,
-        "eps": args.eps,
+        "solver": args.solver, "time": args.time, "slots": args.slots, "rtol": args.rtol,
+        "atol": args.atol, "eps": args.eps,
         "seed": args.seed, "wall_s": elapsed,
     }
     headers = ["model", "data", "images", "repeats", "trace", "bits/dim", "std err",
