@@ -69,6 +69,7 @@ def test_encode_then_decode(tiny_checkpoint, tmp_path):
     assert png.exists()
 
 
+@pytest.mark.slow  # the curve's plumbing also runs in test_demo_quick
 def test_nfe_curve(tiny_checkpoint, tmp_path):
     png, js = tmp_path / "c.png", tmp_path / "c.json"
     stdout = _ok(_run("nfe-curve", "--checkpoint", tiny_checkpoint, "--solvers", "euler,tsit5",

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,8 @@ def test_bits_per_dim_float32_agrees_with_float64(ddpm_model):
     x_int = _images(2, model.shape, seed=1)
     lo, hi = model.data_range
     x = lo + (hi - lo) * (x_int + 0.5) / 256
-    kw = dict(trace="exact", steps=3)
+    # One solver and clock for both calls (bits_per_dim's defaults differ from log_likelihood's).
+    kw = dict(trace="exact", steps=3, solver=diffrax.Tsit5(), time="t")
     ll32 = pf.log_likelihood(model, sde, np.asarray(x, np.float32), **kw)
     r = pf.bits_per_dim(model, sde, x_int, num_bins=256, data_range=model.data_range,
                         dequantize=False, **kw)

@@ -1,4 +1,4 @@
-"""`probflow demo`: the main job on the shipped digits model, in about three minutes.
+"""`probflow demo`: the main job on the shipped digits model, in under two minutes on 2 CPU cores.
 
 The solves are laid out to share compiled functions: the ODE samples, the encode->decode round
 trip and the NFE curve's Tsit5 rows and reference all decode batches of the same size at the
@@ -228,7 +228,7 @@ def _run_demo(args) -> int:
 COMMANDS = (
     Command(
         name="demo",
-        help="the main job on the shipped digits model (about 3 minutes)",
+        help="the main job on the shipped digits model (under 2 minutes on 2 CPU cores)",
         description="On the shipped digits-vp model: test-set bits/dim, sample grids from the "
                     "ODE, SDE and PC samplers, the encode->decode error and a compact "
                     "NFE-versus-quality curve. Writes PNGs and summary.json into --out and "
