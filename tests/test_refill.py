@@ -209,3 +209,25 @@ def test_bits_per_dim_schedules_by_default(mixture_problem):
         pf.bits_per_dim(model, sde, x_int, slots=0, **opts)
     with pytest.raises(ValueError, match="slots=None"):
         pf.bits_per_dim(model, sde, x_int, solver=diffrax.HalfSolver(diffrax.Tsit5()), **opts)
+
+
+def test_default_slots_follow_the_example_size_and_defaults_are_the_documented_ones(
+        mixture_problem):
+    from probflow._ode import BPD_TOL
+    from probflow._refill import default_slots
+
+    assert jax.default_backend() == "cpu"
+    assert [default_slots(d) for d in (2, 64, 512, 513, 784, 2048, 3072)] == [
+        64, 64, 64, 32, 32, 32, 16]
+    # bits_per_dim's defaults are Dopri5 in sqrt(t) time at BPD_TOL: spelled out, the same result.
+    _, sde, model, _, _ = mixture_problem
+    x_int = np.random.default_rng(1).integers(0, 32, size=(5, 2))
+    opts = dict(key=jax.random.key(2), num_bins=32, data_range=(-3.0, 3.0))
+    r = pf.bits_per_dim(model, sde, x_int, **opts)
+    spelled = pf.bits_per_dim(model, sde, x_int, solver=diffrax.Dopri5(), time="sqrt_t",
+                              rtol=BPD_TOL, atol=BPD_TOL, slots=64, **opts)
+    np.testing.assert_array_equal(np.asarray(r.nfe), np.asarray(spelled.nfe))
+    np.testing.assert_allclose(np.asarray(r.bpd), np.asarray(spelled.bpd), rtol=1e-6)
+    other = pf.bits_per_dim(model, sde, x_int, solver=diffrax.Tsit5(), time="t", **opts)
+    assert not np.array_equal(np.asarray(other.nfe), np.asarray(r.nfe))
+    assert BPD_TOL == 3e-4

@@ -60,8 +60,8 @@ def _add_bpd(p) -> None:
                    help="the ODE solver (adaptive: tsit5, dopri5, dopri8, bosh3, dpm2, dpm3; "
                         "pf.bits_per_dim's default; the paper's RK45 is dopri5)")
     p.add_argument("--time", choices=("t", "sqrt_t", "log_snr"), default=None,
-                   help="the clock the ODE is solved in (default: pf.bits_per_dim's, sqrt_t, "
-                        "or t for the dpm solvers; the paper's is t)")
+                   help="the clock the ODE is solved in (default: pf.bits_per_dim's: sqrt_t "
+                        "for VP models, else t; t for the dpm solvers; the paper's is t)")
     p.add_argument("--rtol", type=positive_float, default=BPD_TOL,
                    help="relative tolerance (pf.bits_per_dim's default; the paper's is 1e-5)")
     p.add_argument("--atol", type=positive_float, default=BPD_TOL,
