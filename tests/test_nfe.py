@@ -61,6 +61,8 @@ def _lockstep_count(solver, r, adaptive=True):
 def _bpd(model, sde, x_int, **opts):
     # slots=None: the lockstep diffeqsolve, whose first-step retries these tests count (the slot
     # scheduler, bits_per_dim's default, never re-evaluates a first stage: tests/test_refill.py).
+    # time="t": bits_per_dim's sqrt(t) default for VP models removes the rejected first steps.
+    opts = {"time": "t", **opts}
     return pf.bits_per_dim(
         model, sde, x_int, key=jax.random.key(0), num_bins=17, trace="rademacher", slots=None,
         **opts
