@@ -139,11 +139,6 @@ def solver_costs(solver, *, sde: bool = False) -> Costs:
     return costs
 
 
-def sde_solver_costs(solver) -> Costs:
-    """`solver_costs(solver, sde=True)`."""
-    return solver_costs(solver, sde=True)
-
-
 def has_error_estimate(solver, *, sde: bool = False) -> bool:
     """Whether `solver` can choose its own steps: the one capability check of every family
     (diffrax ODE solvers, probflow's exponential integrators, diffrax SDE solvers)."""
@@ -232,7 +227,7 @@ def count_evaluations(
     """Score-model evaluations of one solve that attempted `num_steps` steps, of which the
     first `first_step_attempts` were attempts at the first step (the rejected ones and the
     accepted one; 1 for a fixed-step solve, see `FirstStepCountingController`). `adaptive`: add
-    probflow's initial step selection (ODE solves); `sde`: an SDE solve (`sde_solver_costs`)."""
+    probflow's initial step selection (ODE solves); `sde`: an SDE solve (its `solver_costs`)."""
     num_steps = jnp.asarray(num_steps, jnp.int32)
     first = jnp.clip(jnp.asarray(first_step_attempts, jnp.int32), 0, num_steps)
     init, on_first, later = solver_costs(solver, sde=sde)

@@ -32,10 +32,9 @@ from ._nfe import (
     count_evaluations,
     error_order,
     first_step_attempts,
-    has_error_estimate,
     raise_if_failed,
+    select_initial_step,
 )
-from ._nfe import select_initial_step as _select_initial_step
 from ._options import ODEOptions, make_ode_options
 from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import (
@@ -77,15 +76,6 @@ class ProbabilityFlowODE(eqx.Module):
         return out.astype(y.dtype)
 
 
-_has_error_estimate = has_error_estimate  # the old private name, for its importers
-
-
-def select_initial_step(vector_field, y0, t0: float, t1: float, opts: ODEOptions, order: float):
-    """The first step size of an adaptive solve at `opts`' tolerances (`_nfe.select_initial_step`,
-    Hairer, Norsett & Wanner II.4; two evaluations, counted in `nfe`)."""
-    return _select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol, order)[0]
-
-
 def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde: AbstractSDE):
     """One diffrax solve of one example from t0 to t1 of the probability-flow ODE of `sde`;
     returns (y1, nfe, num_steps). The solve runs in `opts.clock`, on `opts.schedule`'s times
@@ -111,7 +101,8 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
         controller = FirstStepCountingController(
             diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
         )
-        dt0 = select_initial_step(vector_field, y0, t0, t1, opts, error_order(solver, term))
+        dt0, _ = select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol,
+                                     error_order(solver, term))
     else:
         controller = diffrax.StepTo(ts=ts)
         dt0 = None
@@ -373,16 +364,11 @@ def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
 #: "Bits/dim on real networks"): a solver bias far below 1e-3 bits/dim and a test set's standard
 #: error, at half the evaluations of rtol = atol = 1e-5, which `log_likelihood` keeps (the
 #: contract's shared default) and the paper uses (RK45).
-#: bits_per_dim's defaults: Dopri5 in sqrt(t) time at rtol = atol = 3e-4, from the
+#: bits_per_dim's defaults: diffrax.Dopri5() in sqrt(t) time (VP) at rtol = atol = 3e-4, from the
 #: work-precision sweep of benchmarks/likelihood_real.py (docs/benchmarks.md): on the shipped
 #: digits U-Net and an MNIST U-Net the fastest setting whose bias stays far below 1e-3 bits/dim.
 BPD_TOL = 3e-4
 BPD_TIME = "sqrt_t"
-
-
-def bpd_solver() -> diffrax.AbstractSolver:
-    """bits_per_dim's default solver (a fresh `diffrax.Dopri5()`)."""
-    return diffrax.Dopri5()
 
 
 def bits_per_dim(
@@ -459,7 +445,7 @@ def bits_per_dim(
             raise ValueError(f"slots must be a positive integer, None or 'auto', got {slots!r}")
         slots = default_slots(math.prod(x.shape[1:]))
     if solver is None:
-        solver = bpd_solver()
+        solver = diffrax.Dopri5()
     if time is None:
         # sqrt(t) suits the VP SDE, whose std(t) ~ sqrt(beta_min t) near 0 (the time change makes
         # the field smooth there); sub-VP's std(t) ~ beta_min t and VE's is smooth already, so

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ._dpm import AbstractExponentialIntegrator
-from ._nfe import ADAPTIVE_SDE_SOLVERS, check_ode_solver, has_error_estimate, sde_solver_costs
+from ._nfe import ADAPTIVE_SDE_SOLVERS, check_ode_solver, has_error_estimate, solver_costs
 from ._time import (
     AbstractClock,
     AbstractStepSchedule,
@@ -135,7 +135,7 @@ def make_sde_options(solver, steps, rtol, atol, max_steps) -> SDEOptions:
             f"solver must be a diffrax SDE solver such as diffrax.Euler(), got "
             f"{type(solver).__name__}"
         )
-    sde_solver_costs(solver)
+    solver_costs(solver, sde=True)  # raises for solvers whose evaluations cannot be counted
     steps = check_positive_int(steps, "steps", allow_none=True)
     rtol = check_positive_float(rtol, "rtol")
     atol = check_positive_float(atol, "atol")

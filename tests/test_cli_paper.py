@@ -15,9 +15,7 @@ from helpers import SCORE_SDE_DATA, score_sde_fixture_config
 import probflow as pf
 from probflow._cli import main
 
-DATA = SCORE_SDE_DATA
 SUFFIX = {"torch": ".pth", "flax": ".msgpack"}
-_config = score_sde_fixture_config
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +25,10 @@ def paper(tmp_path_factory):
     files = {}
     for fid, fmt in (("vp_ddpmpp", "torch"), ("ve_ncsnpp", "flax")):
         ckpt = out / (fid + SUFFIX[fmt])
-        ckpt.write_bytes(lzma.decompress((DATA / (fid + SUFFIX[fmt] + ".xz")).read_bytes()))
+        packed = SCORE_SDE_DATA / (fid + SUFFIX[fmt] + ".xz")
+        ckpt.write_bytes(lzma.decompress(packed.read_bytes()))
         cfg = out / f"{fid}.json"
-        cfg.write_text(json.dumps(_config(fid)))
+        cfg.write_text(json.dumps(score_sde_fixture_config(fid)))
         files[fid] = (str(ckpt), str(cfg))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 8, 8, 3)).astype(np.uint8)
@@ -45,7 +44,7 @@ def test_bpd_takes_the_models_data_range_and_256_bins(paper, tmp_path):
     assert main(["bpd", "--checkpoint", ckpt, "--config", cfg, "--data", data, "--limit", "3",
                  "--rtol", "1e-2", "--atol", "1e-2", "--seed", "3", "--json", str(js)]) == 0
     res = json.loads(js.read_text())
-    model, sde = pf.load_score_sde(ckpt, config=_config("vp_ddpmpp"))
+    model, sde = pf.load_score_sde(ckpt, config=score_sde_fixture_config("vp_ddpmpp"))
     assert model.data_range == (-1.0, 1.0)  # a centred config
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 0), 0)
     ref = pf.bits_per_dim(model, sde, images[:3], key=key, num_bins=256, data_range=(-1.0, 1.0),
@@ -66,7 +65,7 @@ def test_encode_records_the_config_and_decode_uses_it(paper, tmp_path):
                  *ode, "--out", str(lat)]) == 0
     saved = np.load(lat)
     assert str(saved["config"]) == cfg and str(saved["checkpoint"]) == ckpt
-    model, sde = pf.load_score_sde(ckpt, config=_config("vp_ddpmpp"))
+    model, sde = pf.load_score_sde(ckpt, config=score_sde_fixture_config("vp_ddpmpp"))
     x = saved["x"]
     assert x.min() >= -1.0 and x.max() <= 1.0 and x.min() < 0.0  # in the model's (-1, 1)
     enc = pf.encode(model, sde, x, solver=diffrax.Euler(), steps=3)
@@ -86,7 +85,7 @@ def test_sample_with_a_paper_checkpoint_is_the_librarys_sample(paper, tmp_path):
     assert main(["sample", "--checkpoint", ckpt, "--config", cfg, "--sampler", "ode", "--num",
                  "2", "--solver", "euler", "--ode-steps", "2", "--seed", "5", "--npz",
                  str(out)]) == 0
-    model, sde = pf.load_score_sde(ckpt, config=_config("vp_ddpmpp"))
+    model, sde = pf.load_score_sde(ckpt, config=score_sde_fixture_config("vp_ddpmpp"))
     ref = pf.sample_ode(model, sde, 2, (8, 8, 3), key=jax.random.key(5),
                         solver=diffrax.Euler(), steps=2)
     got = np.load(out)
@@ -124,9 +123,8 @@ def test_raw_weights_differ_from_the_ema_weights(paper, tmp_path):
                      "--num", "1", "--solver", "euler", "--ode-steps", "1", "--npz", str(out),
                      *extra]) == 0
         outs.append(np.load(out)["x"])
-    raw, _ = pf.load_score_sde(ckpt, config=_config("vp_ddpmpp"), ema=False)
-    ref = pf.sample_ode(raw, pf.load_score_sde(ckpt, config=_config("vp_ddpmpp"))[1], 1,
-                        (8, 8, 3), key=jax.random.key(0), solver=diffrax.Euler(),
+    raw, sde = pf.load_score_sde(ckpt, config=score_sde_fixture_config("vp_ddpmpp"), ema=False)
+    ref = pf.sample_ode(raw, sde, 1, (8, 8, 3), key=jax.random.key(0), solver=diffrax.Euler(),
                         steps=1)
     np.testing.assert_allclose(outs[1], ref.x, rtol=1e-5, atol=1e-5)
     assert np.abs(outs[0] - outs[1]).max() > 1e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ._dataset import Dataset, quantise
@@ -138,8 +140,6 @@ def load_npz(path, split: str = "train") -> Dataset:
     `{split}_labels` (e.g. `train_images`, `test_images`). The data range is (0, 1); commands
     and functions that take a model map it to the model's range.
     """
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"npz:{path}: no such file (a .npz with an 'images' array)")

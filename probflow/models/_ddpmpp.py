@@ -149,6 +149,13 @@ def naive_upsample(x: Array) -> Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
 
 
+def resample_without_conv(x: Array, *, up: bool, fir: bool, kernel=_FIR_KERNEL) -> Array:
+    """Up- or downsample by 2 without a conv: FIR-filtered, or nearest-neighbour / mean pooling."""
+    if up:
+        return fir_upsample(x, kernel) if fir else naive_upsample(x)
+    return fir_downsample(x, kernel) if fir else naive_downsample(x)
+
+
 def timestep_embedding(c: Array, dim: int) -> Array:
     """DDPM's sinusoidal embedding of a scalar (sin half, cos half; zero-padded to odd `dim`).
     The frequencies are float32 whatever the dtype of `c`, as in the paper's code."""
@@ -200,10 +207,8 @@ class BigGANBlock(eqx.Module):
         self.skip_rescale, self.act = bool(skip_rescale), act
 
     def _resample(self, x):
-        if self.up:
-            return fir_upsample(x, self.fir_kernel) if self.fir else naive_upsample(x)
-        if self.down:
-            return fir_downsample(x, self.fir_kernel) if self.fir else naive_downsample(x)
+        if self.up or self.down:
+            return resample_without_conv(x, up=self.up, fir=self.fir, kernel=self.fir_kernel)
         return x
 
     def __call__(self, x, temb, *, key):
@@ -315,7 +320,7 @@ class Downsample(AbstractResample):
 
     def __call__(self, x):
         if self.conv is None:
-            return fir_downsample(x, self.fir_kernel) if self.fir else naive_downsample(x)
+            return resample_without_conv(x, up=False, fir=self.fir, kernel=self.fir_kernel)
         if not self.fir:
             return _conv(x, self.conv, stride=2, padding=((0, 1), (0, 1)))
         kw = self.conv.weight.shape[0]
@@ -330,7 +335,7 @@ class Upsample(AbstractResample):
 
     def __call__(self, x):
         if self.conv is None:
-            return fir_upsample(x, self.fir_kernel) if self.fir else naive_upsample(x)
+            return resample_without_conv(x, up=True, fir=self.fir, kernel=self.fir_kernel)
         if not self.fir:
             return self.conv(naive_upsample(x))
         # conv_transpose2d (stride 2) with the flipped, transposed kernel is a correlation of the
