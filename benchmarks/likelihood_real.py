@@ -199,7 +199,7 @@ def _engine(model, sde, x, probes, rtol, atol, solver, time_, slots, max_steps=1
 
 @eqx.filter_jit
 def _lockstep_fixed(model, sde, x, probes, solver, steps, time_):
-    from probflow._ode import solve_flow
+    from probflow._flow import solve_flow
     from probflow._options import make_ode_options
 
     opts = make_ode_options(solver, 1e-3, 1e-3, steps, 16384, time_)

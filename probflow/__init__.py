@@ -37,6 +37,12 @@ from ._dpm import DPMSolverMultistep as DPMSolverMultistep
 from ._dpm import LogSNRTimeODE as LogSNRTimeODE
 from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
 from ._evaluate import evaluate_bits_per_dim as evaluate_bits_per_dim
+from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
+from ._flow import decode as decode
+from ._flow import encode as encode
+from ._flow import sample_ode as sample_ode
+from ._likelihood import bits_per_dim as bits_per_dim
+from ._likelihood import log_likelihood as log_likelihood
 from ._loss import dsm_loss as dsm_loss
 from ._metrics import frechet_distance as frechet_distance
 from ._metrics import sliced_wasserstein as sliced_wasserstein
@@ -45,12 +51,6 @@ from ._mixture import MixtureClassifier as MixtureClassifier
 from ._mixture import MixtureScore as MixtureScore
 from ._nfe import AbstractCountedSolver as AbstractCountedSolver
 from ._nfe import count_evaluations as count_evaluations
-from ._ode import ProbabilityFlowODE as ProbabilityFlowODE
-from ._ode import bits_per_dim as bits_per_dim
-from ._ode import decode as decode
-from ._ode import encode as encode
-from ._ode import log_likelihood as log_likelihood
-from ._ode import sample_ode as sample_ode
 from ._options import ODEOptions as ODEOptions
 from ._options import SDEOptions as SDEOptions
 from ._pc import AbstractCorrector as AbstractCorrector

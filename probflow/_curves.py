@@ -22,8 +22,9 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from ._classifier import AbstractClassifier
+from ._flow import decode
+from ._likelihood import bits_per_dim
 from ._metrics import frechet_distance, sliced_wasserstein
-from ._ode import bits_per_dim, decode
 from ._pc import LangevinCorrector, ReverseDiffusionPredictor, sample_pc
 from ._reverse_sde import sample_sde
 from ._sde import AbstractSDE

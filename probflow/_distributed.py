@@ -168,7 +168,7 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     all-gather at the end returns every example's `BitsPerDimResult` fields, in order, on every
     process. With one process it is the plain batched loop.
     """
-    from ._ode import bits_per_dim
+    from ._likelihood import bits_per_dim
 
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
-from ._ode import bits_per_dim
+from ._likelihood import bits_per_dim
 from ._results import BitsPerDimResult, BitsPerDimSummary, summarize_bits_per_dim
 from ._sde import AbstractSDE
 from ._validate import check_positive_int

@@ -306,7 +306,8 @@ def refill_solve(
 
 @eqx.filter_jit
 def refill_log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode, slots):
-    """`_ode._log_likelihood` with the examples scheduled over `slots` slots (`refill_solve`).
+    """`_likelihood._log_likelihood` with the examples scheduled over `slots` slots
+    (`refill_solve`).
 
     The same probes (`estimator.draw` with each example's key) and the same per-example solve,
     so the result equals the lockstep one to float rounding; only the cost differs.

@@ -13,7 +13,7 @@ which is eq. (6) with w_s the reverse-time Brownian motion. (diffrax 0.7's stoch
 Runge--Kutta solvers ignore the sign of the step when t0 > t1 and integrate the drift forwards,
 so probflow never asks diffrax to run an SDE backwards.)
 
-As in `_ode.py`, the public function validates in Python and then calls one `eqx.filter_jit`-ed
+As in `_flow.py`, the public function validates in Python and then calls one `eqx.filter_jit`-ed
 function that vmaps a single-example solve: each example has its own Brownian path (its own key)
 and, with adaptive stepping, its own step sizes, so a sample never depends on the rest of the
 batch.

@@ -75,8 +75,8 @@ def test_find_cycle_finds_circles():
 
 def test_graph_sees_the_known_edges():
     g = import_graph()
-    assert "probflow._sde" in g["probflow._ode"]
-    assert "probflow._time" in g["probflow._ode"]
+    assert "probflow._sde" in g["probflow._flow"]
+    assert "probflow._flow" in g["probflow._likelihood"]
     assert "probflow._time" in g["probflow._dpm"]
     assert len(g) > 30
 

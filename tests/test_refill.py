@@ -213,7 +213,7 @@ def test_bits_per_dim_schedules_by_default(mixture_problem):
 
 def test_default_slots_follow_the_example_size_and_defaults_are_the_documented_ones(
         mixture_problem):
-    from probflow._ode import BPD_TOL
+    from probflow._likelihood import BPD_TOL
     from probflow._refill import default_slots
 
     assert jax.default_backend() == "cpu"

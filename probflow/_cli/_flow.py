@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._ode import BPD_TOL
+from .._likelihood import BPD_TOL
 from ._common import (
     CLIError,
     Command,
