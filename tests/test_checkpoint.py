@@ -321,7 +321,10 @@ def test_save_rejects_classes_defined_in_functions(tmp_path):
 # Shipped models: converted to the current format with their weights unchanged.
 
 # m(t, x) for x = jax.random.uniform(key(0), shape), recorded from the format-1 files before the
-# conversion: (sum of the output in float64, its first two entries).
+# conversion: (sum of the output in float64, its first two entries). Recorded on one CPU: XLA's
+# convolutions round differently with another instruction set (2.5e-7 relative seen with AVX-512
+# against AVX2), so the check is at float32 rounding through the network (1e-5 relative, about
+# 80 ulps); the checksum tests above catch any changed byte of the files themselves.
 RECORDED = {
     ("digits-vp", 1e-5): (-9878.06270775199, [-1707.6158447265625, -485.2907409667969]),
     ("digits-vp", 0.3): (-31.926072902977467, [-1.4983657598495483, -1.5100167989730835]),
@@ -336,8 +339,8 @@ def test_pretrained_outputs_unchanged_by_the_conversion(name, t):
     assert model.sde == sde
     out = np.asarray(model(t, jax.random.uniform(jax.random.key(0), model.shape)), np.float64)
     total, first = RECORDED[name, t]
-    np.testing.assert_allclose(out.sum(), total, rtol=1e-6)
-    np.testing.assert_array_equal(out.ravel()[:2].astype(np.float32), np.float32(first))
+    np.testing.assert_allclose(out.sum(), total, rtol=1e-5)
+    np.testing.assert_allclose(out.ravel()[:2], first, rtol=1e-5)
 
 
 @pytest.mark.usefixtures("x64")

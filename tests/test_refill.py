@@ -169,7 +169,13 @@ def test_unsupported_solvers_raise():
 
 def test_unet_batch_independence_and_host_count():
     """digits-vp: alone and in a batch with 3 slots, the same nfe and (to the rounding of
-    batched convolutions) the same bits/dim; host counts as predicted."""
+    batched convolutions) the same log-likelihood; host counts as predicted.
+
+    A batch of 3 and a batch of 1 are different XLA programs whose convolutions round differently
+    (and differently again per instruction set); the adaptive solve (rtol 1e-3) carries those
+    float32 roundings through ~50 evaluations of the U-Net: 2.9e-5 relative was seen with
+    AVX-512, so the check is at 1e-4 relative, 10x below the solve's
+    own tolerance."""
     model, sde = pf.load_pretrained("digits-vp")
     ds = pf.data.load("digits", split="test")
     x = (np.asarray(ds.images[:5], np.float32) + 0.5) / ds.num_bins
@@ -188,7 +194,7 @@ def test_unet_batch_independence_and_host_count():
                                                    1e-3, "sqrt_t")
         assert np.all(status == 1)
         np.testing.assert_array_equal(nfe, nfe1)
-        np.testing.assert_allclose(logp, logp1, rtol=1e-5)
+        np.testing.assert_allclose(logp, logp1, rtol=1e-4)
         assert n == 2 + 6 * iterations(steps, slots)
 
 
