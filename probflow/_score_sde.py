@@ -403,7 +403,9 @@ def _chunked_array(node: dict, path, at: tuple) -> np.ndarray:
     ok = (isinstance(shape, dict) and isinstance(chunks, dict)
           and set(shape) == {str(i) for i in range(len(shape))}
           and set(chunks) == {str(i) for i in range(len(chunks))})
-    if ok:
+    parts: list = []
+    dims: list = []
+    if ok and isinstance(shape, dict) and isinstance(chunks, dict):
         dims = [shape[str(i)] for i in range(len(shape))]
         parts = [chunks[str(i)] for i in range(len(chunks))]
         ok = (all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
@@ -465,7 +467,7 @@ def _flax_lookup(tree, keys: tuple[str, ...]):
 
 def _flax_leaves(tree):
     """The paths of the leaves of a (checked, bounded) flax tree."""
-    stack = [((), tree)]
+    stack: list[tuple[tuple, Any]] = [((), tree)]
     while stack:
         prefix, node = stack.pop()
         if isinstance(node, dict):
