@@ -204,11 +204,14 @@ def _read_latents(name: str) -> dict:
     if not path.is_file():
         raise CLIError(f"--latents: no such file {name!r}")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # np.load reads .npy files too
+            raise CLIError(f"--latents: {name!r} is a .npy array, not a latents .npz (written "
+                           f"by probflow encode)")
+        with f:
             arrays = {k: f[k] for k in f.files}
-    except AttributeError:  # np.load gave a plain array: a .npy file
-        raise CLIError(f"--latents: {name!r} is a .npy array, not a latents .npz (written by "
-                       f"probflow encode)") from None
+    except CLIError:
+        raise
     except Exception as e:
         raise CLIError(f"--latents: {name!r} is not a latents .npz ({e})") from None
     z = arrays.get("z")
