@@ -102,6 +102,17 @@ def network_kwargs(config) -> dict:
                                   f"(model.conditional True) are supported")
     if cfg["model"].get("conv_size", 3) != 3:
         raise ScoreSDEImportError(f"config {label}: only model.conv_size 3 is supported")
+    try:
+        return _network_kwargs(f, name)
+    except ScoreSDEImportError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ScoreSDEImportError(
+            f"config {label}: a model or data field has the wrong type ({e})"
+        ) from None
+
+
+def _network_kwargs(f, name: str) -> dict:
     size = int(f("data", "image_size"))
     kw: dict[str, Any] = dict(
         shape=(size, size, int(f("data", "num_channels"))),

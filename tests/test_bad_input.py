@@ -7,6 +7,7 @@ real read-only file system and a full one in a private mount namespace where ava
 cases: inputs against the model's example shape, data against `num_bins`, NaN training data.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import score_sde_fixture_config
 
 import probflow as pf
 from probflow._cli._main import main
@@ -65,6 +67,12 @@ def files(tmp_path_factory):
     (d / "a_dir.json").mkdir()
     (d / "a_dir.eqx").mkdir()
     (d / "empty_run").mkdir()
+    (d / "not_an_image.png").write_text("not a PNG\n")
+    cfg = score_sde_fixture_config("vp_ddpmpp")
+    cfg["model"]["ch_mult"] = 5
+    (d / "bad_config.json").write_text(json.dumps(cfg))
+    (d / "list_config.json").write_text("[1, 2]")
+    (d / "broken_config.json").write_text("{not json")
     return d
 
 
@@ -164,6 +172,14 @@ CLI_CASES = [
     ("inpaint --checkpoint {d}/nan.eqx", "non-finite weights"),
     ("inpaint --checkpoint {d}/tiny.eqx --mask {d}/missing.png", "--mask: no such file"),
     ("colorize --checkpoint {d}/tiny.eqx", "colorize needs a colour model"),
+    ("inpaint --checkpoint {d}/tiny.eqx --mask {d}/not_an_image.png", "--mask: cannot read"),
+    ("sample --checkpoint {d}/text.eqx --config {d}/bad_config.json",
+     "a model or data field has the wrong type"),
+    ("sample --checkpoint {d}/text.eqx --config {d}/list_config.json", "must be a mapping"),
+    ("sample --checkpoint {d}/text.eqx --config {d}/broken_config.json",
+     "--config: cannot read the config file"),
+    ("train --out {d}/run3 --data npz:{d}/good.npz --sde vp --train-steps 1 --validation 9",
+     "--validation 9: num must be an int in (0, 4), got 9 (the data has 4)"),
 ]
 
 

@@ -128,7 +128,10 @@ def make_mask(kind: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
         if not Path(kind).exists():
             raise CLIError(f"--mask: no such file {kind!r}")
-        img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.NEAREST))
+        try:
+            img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.NEAREST))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise CLIError(f"--mask: cannot read {kind!r} as an image ({e})") from None
         m = (img >= 128).astype(np.float32)
     else:
         raise CLIError(f"--mask: unknown mask {kind!r}; choose left, right, top, bottom, center, "

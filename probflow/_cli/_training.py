@@ -220,7 +220,11 @@ def _run_train(args) -> int:
     data_name = args.data or paper.data
     ds = load_data(data_name, "train", data_dir=args.data_dir)
     if args.validation:
-        ds, _ = ds.hold_out(args.validation, seed=0)
+        try:
+            ds, _ = ds.hold_out(args.validation, seed=0)
+        except ValueError as e:
+            raise CLIError(f"--validation {args.validation}: {e} (the data has {len(ds)})"
+                           ) from None
     key = jax.random.key(args.seed)
     if paper is not None:
         if tuple(ds.shape) != paper.shape:
