@@ -8,6 +8,7 @@ malformed trees give a `ScoreSDEImportError`, not a TypeError/KeyError/ValueErro
 
 import copy
 import hashlib
+import io
 import json
 import lzma
 import struct
@@ -99,6 +100,10 @@ def test_header_claiming_a_far_larger_network_is_stopped_in_bounded_time(small, 
     # 1.03M profiled calls take ~2 s; the build itself would take ~2 min (a loose bound: the
     # point is orders of magnitude, not a timing).
     assert elapsed < 60
+    # `probflow sample` on it: one line, exit status 2 (it ran past 120 s and 2.4 GB before).
+    from probflow._cli._main import main
+
+    assert main(["sample", "--checkpoint", str(bad), "--no-compile-cache"]) == 2
     # The budget is put back: a profiler that was running before the load still runs after.
     import sys
 
@@ -118,6 +123,26 @@ def test_payload_with_too_many_arrays(small, tmp_path, monkeypatch):
     monkeypatch.setattr(_checkpoint, "MAX_LEAVES", 10)  # the small MLP has 13 (its SDE included)
     with pytest.raises(pf.CheckpointError, match="payload holds more than 10 arrays.*m.eqx"):
         pf.load_checkpoint(path)
+
+
+def test_consistent_looking_file_of_a_huge_network_stops_before_building(small, tmp_path):
+    """A header claiming MLP depth=5000 with a payload of 20013 arrays (what such a file would
+    hold; tiny ones here) fails on the count of the payload's arrays, before any build."""
+    path, *_ = small
+    blob = path.read_bytes()
+    record = io.BytesIO()
+    np.save(record, np.zeros((1,), np.float32))
+    payload = record.getvalue() * 20_013
+    header = json.loads(_split(blob)[0])
+    header["model"]["hyperparameters"]["depth"] = 5000
+    header["payload"].update(model_bytes=len(payload),
+                             model_sha256=hashlib.sha256(payload).hexdigest())
+    hb = json.dumps(header, sort_keys=True).encode()
+    head = MAGIC + struct.pack("<Q", len(hb)) + hb
+    bad = tmp_path / "huge.eqx"
+    bad.write_bytes(head + hashlib.sha256(head).digest() + payload)
+    with pytest.raises(pf.CheckpointError, match="payload holds more than 10000 arrays.*huge"):
+        pf.load_checkpoint(bad)
 
 
 def test_payload_that_is_not_arrays(small, tmp_path):
