@@ -310,6 +310,15 @@ def test_bits_per_dim_num_bins_overflow_is_a_value_error():
     x = np.zeros((1, 8, 8, 1), np.int32)
     with pytest.raises(ValueError, match=r"num_bins must be an integer in \[2, 2\*\*24\]"):
         pf.bits_per_dim(unet, sde, x, key=jax.random.key(0), num_bins=2**40)
+    with pytest.raises(ValueError, match=r"num_bins must be an integer in \[2, 2\*\*24\]"):
+        pf.train_classifier(np.zeros((2, 3), np.int32), np.zeros(2, np.int32), num_bins=2**40)
+    from probflow._baselines import categorical_bpd
+
+    with pytest.raises(ValueError, match=r"num_bins must be an integer in \[2, 2\*\*24\]"):
+        categorical_bpd(np.zeros((2, 3), int), np.zeros((2, 3), int), 2**40)
+    # log2(2) bits per pixel for two bins seen equally often (the pseudocount's estimate).
+    x = np.array([[0, 1], [1, 0]])
+    assert categorical_bpd(x, x, 2) == pytest.approx(1.0)
 
 
 def test_load_npz_num_bins(tmp_path):
