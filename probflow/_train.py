@@ -173,7 +173,7 @@ def _check_finite_data(examples) -> None:
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise ValueError(
-            f"data holds NaN or inf values in {len(bad)} of {len(finite)} examples (first: "
+            f"data holds NaN or inf values in {len(bad)} of {len(examples)} examples (first: "
             f"example {bad[0]}); remove or fix them before training"
         )
 

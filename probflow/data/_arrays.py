@@ -173,6 +173,7 @@ def load_npz(path, split: str = "train") -> Dataset:
             + (f" ({num_bins.item()!r})" if num_bins.size == 1 else "")
         )
     try:
-        return from_arrays(images, labels, num_bins=num_bins, name=f"npz:{path}", split=split)
+        return from_arrays(images, labels, num_bins=int(num_bins), name=f"npz:{path}",
+                           split=split)
     except ValueError as e:
         raise ValueError(f"npz:{path}: {e}") from None
