@@ -675,6 +675,11 @@ def load_score_model(checkpoint: str | os.PathLike, config=None, *, ema: bool = 
         path = Path(checkpoint)
         if path.is_dir():
             path = path / "checkpoint.eqx"
+            if not path.is_file():
+                raise ScoreSDEImportError(
+                    f"{spec!r} is a folder without a checkpoint.eqx (a run directory holds one "
+                    f"once training has written its first checkpoint)"
+                )
         if not path.is_file():
             raise ScoreSDEImportError(
                 f"no such file {spec!r} (and not a shipped model: "

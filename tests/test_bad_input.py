@@ -162,7 +162,7 @@ CLI_CASES = [
     ("sample --checkpoint {d}/empty.eqx", "checkpoint file is truncated"),
     ("sample --checkpoint {d}/text.eqx", "not a probflow checkpoint"),
     ("sample --checkpoint {d}/nan.eqx", "holds non-finite weights (NaN or inf)"),
-    ("sample --checkpoint {d}/empty_run", "no such file"),
+    ("sample --checkpoint {d}/empty_run", "is a folder without a checkpoint.eqx"),
     ("sample --checkpoint {d}/missing.eqx", "no such file"),
     ("sample --checkpoint {d}/good.npz --config vp/cifar10_ddpmpp_continuous",
      "numpy .npz archive"),
