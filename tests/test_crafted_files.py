@@ -88,7 +88,7 @@ def test_oversized_header_is_rejected_before_it_is_read(small, tmp_path):
 def test_header_claiming_a_far_larger_network_is_stopped_in_bounded_time(small, tmp_path,
                                                                          capsys):
     """MLP depth=40000 takes minutes to build (~3 s per 1000 layers on 2 cores); the payload holds
-    13 arrays, so building stops after its call budget (1.04M calls, ~2 s), well before."""
+    13 arrays, so building stops after its call budget (0.54M calls, ~1 s), well before."""
     path, *_ = small
     bad = tmp_path / "claims.eqx"
     bad.write_bytes(_edited(path.read_bytes(),
