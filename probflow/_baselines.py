@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ._validate import check_num_bins
 from .data._dataset import to_model_space
 
 
@@ -37,6 +38,7 @@ def gaussian_bpd(
 
 def categorical_bpd(train_int, test_int, num_bins: int, *, pseudocount: float = 1.0) -> float:
     """Independent per-pixel categoricals fitted by counting (with a pseudocount)."""
+    num_bins = check_num_bins(num_bins)
     tr = np.asarray(train_int).reshape(len(train_int), -1)
     te = np.asarray(test_int).reshape(len(test_int), -1)
     d = tr.shape[1]

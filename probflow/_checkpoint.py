@@ -29,7 +29,9 @@ import io
 import json
 import math
 import os
+import re
 import struct
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +56,20 @@ _OLD_MAGICS = (b"PROBFLOW-CKPT-1\n", b"PROBFLOW-CLSF-1\n")
 _PREFIX = len(MAGIC) + 8
 _DIGEST = 32
 
+# Bounds on what a file can make the loader do, checked before anything is built, so that a
+# crafted file fails with a CheckpointError in bounded time and memory: the header's size and
+# JSON nesting (the shipped headers are ~1 KiB, 4 deep), the number of arrays in a payload (the
+# paper's deepest network has ~960), and the Python calls that building the module's skeleton
+# from the header's hyperparameters may take (a header can claim a network far larger than its
+# payload: MLP depth=40000 would take minutes to build before the payload mismatch shows; a
+# shipped U-Net takes ~130k calls, ~1200 per array, in a fresh process).
+MAX_HEADER_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+MAX_LEAVES = 10_000
+_BUILD_CALLS = 500_000
+_BUILD_CALLS_PER_LEAF = 3_000
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted or not a probflow checkpoint."""
@@ -61,6 +77,10 @@ class CheckpointError(ValueError):
 
 class _Invalid(Exception):
     """A header field that fails its check (turned into a CheckpointError naming the file)."""
+
+
+class _TooLarge(Exception):
+    """Building a module's skeleton exceeded its call budget (see `_bounded_build`)."""
 
 
 def _versions() -> dict:
@@ -347,6 +367,11 @@ def _parse(blob: bytes, path) -> tuple[dict, bytes, bytes]:
     if len(blob) < _PREFIX:
         raise CheckpointError(f"checkpoint file is truncated: {path}")
     (n_header,) = struct.unpack("<Q", blob[len(MAGIC) : _PREFIX])
+    if n_header > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"checkpoint header is {n_header} bytes, more than the {MAX_HEADER_BYTES} allowed "
+            f"(corrupted or crafted): {path}"
+        )
     end = _PREFIX + n_header
     if len(blob) < end + _DIGEST:
         raise CheckpointError(
@@ -355,9 +380,15 @@ def _parse(blob: bytes, path) -> tuple[dict, bytes, bytes]:
         )
     if hashlib.sha256(blob[:end]).digest() != blob[end : end + _DIGEST]:
         raise CheckpointError(f"checkpoint header is corrupted (checksum mismatch): {path}")
+    depth = _json_depth(blob[_PREFIX:end])
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(
+            f"checkpoint header nests JSON {depth} levels deep, more than the {MAX_JSON_DEPTH} "
+            f"allowed (corrupted or crafted): {path}"
+        )
     try:
         header = json.loads(blob[_PREFIX:end].decode())
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"checkpoint header is not valid JSON: {path}") from None
     payload = _check_header(header, path)["payload"]
     off = end + _DIGEST
@@ -379,6 +410,80 @@ def _parse(blob: bytes, path) -> tuple[dict, bytes, bytes]:
     return header, model_bytes, state_bytes
 
 
+def _json_depth(text: bytes) -> int:
+    """How deep the arrays and objects of the JSON `text` nest (brackets inside strings left
+    out), counted without parsing it (`json.loads` recurses, and fails deep inputs with a
+    RecursionError)."""
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', text), np.uint8)
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+    steps -= np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _count_leaves(data: bytes, what: str, path) -> int:
+    """The number of arrays in a payload (a sequence of `.npy` records), read from their headers
+    without loading any; at most `MAX_LEAVES`."""
+    f = io.BytesIO(data)
+    count = 0
+    while f.tell() < len(data):
+        if count == MAX_LEAVES:
+            raise CheckpointError(
+                f"checkpoint {what} holds more than {MAX_LEAVES} arrays (crafted, or not a "
+                f"model probflow can load): {path}"
+            )
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version}")
+        except ValueError as e:
+            raise CheckpointError(
+                f"checkpoint {what} is not a sequence of arrays (array {count}: {e}): {path}"
+            ) from None
+        if dtype.hasobject:
+            raise CheckpointError(
+                f"checkpoint {what} holds an array of Python objects (array {count}): {path}"
+            )
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > len(data) - f.tell():
+            raise CheckpointError(
+                f"checkpoint {what}'s array {count} of shape {shape} runs past its end: {path}"
+            )
+        f.seek(nbytes, io.SEEK_CUR)
+        count += 1
+    return count
+
+
+def _bounded_build(build, budget: int):
+    """`build()`, stopped with `_TooLarge` once it has made `budget` Python calls.
+
+    A checkpoint's header names a class and its hyperparameters, and the skeleton they build must
+    hold as many arrays as the payload; a crafted header can ask for a network many times larger
+    (the build runs the class's constructor). The number of calls bounds the time and memory
+    that can take, the same on every machine. The caller's own profile function (a profiler)
+    is put back afterwards.
+    """
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        if event == "call":
+            calls += 1
+            if calls > budget:
+                sys.setprofile(previous)
+                raise _TooLarge
+
+    previous = sys.getprofile()
+    sys.setprofile(count)
+    try:
+        return build()
+    finally:
+        sys.setprofile(previous)
+
+
 def _load_leaf(f, like):
     """Load one leaf, checking its shape and kind and casting it to the skeleton's dtype."""
     if isinstance(like, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
@@ -394,10 +499,25 @@ def _load_leaf(f, like):
     return eqx.default_deserialise_filter_spec(f, like)
 
 
-def _deserialise(data: bytes, like, what: str, path):
+def _deserialise(data: bytes, like, what: str, path, *, finite: bool = False):
+    """`data` loaded into the structure of `like`; with `finite`, every floating array is checked
+    to hold only finite values (a model with NaN weights fails at load, not after a solve)."""
     f = io.BytesIO(data)
+    nonfinite = []  # the indices (among the leaves of `like`) of non-finite arrays
+    index = -1
+
+    def load_leaf(f, like_leaf):
+        nonlocal index
+        index += 1
+        out = _load_leaf(f, like_leaf)
+        if finite and isinstance(out, (jax.Array, np.ndarray)):
+            host = np.asarray(out)
+            if np.issubdtype(host.dtype, np.inexact) and not np.isfinite(host).all():
+                nonfinite.append(index)
+        return out
+
     try:
-        out = eqx.tree_deserialise_leaves(f, like, filter_spec=_load_leaf)
+        out = eqx.tree_deserialise_leaves(f, like, filter_spec=load_leaf)
     except Exception as e:  # a header/payload mismatch
         raise CheckpointError(
             f"checkpoint {what} does not match its header ({e}): {path}"
@@ -405,6 +525,12 @@ def _deserialise(data: bytes, like, what: str, path):
     if f.tell() != len(data):
         raise CheckpointError(
             f"checkpoint {what} holds more leaves than its header's structure: {path}"
+        )
+    if nonfinite:
+        names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(like)]
+        raise CheckpointError(
+            f"checkpoint {what} holds non-finite weights (NaN or inf) in {len(nonfinite)} "
+            f"array(s), first {names[nonfinite[0]]}; the model cannot be used: {path}"
         )
     return out
 
@@ -435,11 +561,18 @@ def _load(blob: bytes, path, kind: str, base: type):
     except _Invalid as e:
         raise CheckpointError(f"checkpoint header is invalid ({e}): {path}") from None
     hp = rec["hyperparameters"]
-    kwargs = dict(_tuples(hp), key=jax.random.key(0))
+    kwargs: dict[str, Any] = dict(_tuples(hp), key=jax.random.key(0))
     if sde is not None:
         kwargs["sde"] = sde
+    leaves = _count_leaves(model_bytes, "payload", path)
+    budget = _BUILD_CALLS + _BUILD_CALLS_PER_LEAF * leaves
     try:
-        skeleton = eqx.filter_eval_shape(cls, **kwargs)
+        skeleton = _bounded_build(lambda: eqx.filter_eval_shape(cls, **kwargs), budget)
+    except _TooLarge:
+        raise CheckpointError(
+            f"checkpoint header's hyperparameters {hp} ask for a {rec['class']} far larger "
+            f"than its payload of {leaves} arrays (building it was stopped): {path}"
+        ) from None
     except Exception as e:
         raise CheckpointError(
             f"checkpoint header's hyperparameters do not build a {rec['class']} "
@@ -450,7 +583,7 @@ def _load(blob: bytes, path, kind: str, base: type):
             f"{rec['class']} built from the header's hyperparameters {hp} reports "
             f"{skeleton.hyperparameters} instead: {path}"
         )
-    module = _deserialise(model_bytes, skeleton, "payload", path)
+    module = _deserialise(model_bytes, skeleton, "payload", path, finite=True)
     saved_sde = module.sde
     if (saved_sde is None) != (sde is None) or (
         sde is not None and serialise_sde(saved_sde) != serialise_sde(sde)

@@ -20,7 +20,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._checkpoint import CLASSIFIER, load_module, save_module
 from ._sde import AbstractSDE
-from ._validate import check_positive_float, check_positive_int
+from ._validate import check_num_bins, check_positive_float, check_positive_int
 from .data._dataset import to_model_space
 from .models._base import Dense, GaussianFourierFeatures
 
@@ -184,6 +184,7 @@ def train_classifier(
     With `sde`, a noise-conditional classifier of x_t at t ~ U[eps, T]; without, a clean-data one.
     Inputs are uniformly dequantized into `data_range` as in training score models.
     """
+    num_bins = check_num_bins(num_bins)
     images = jnp.asarray(images)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(images.dtype, jnp.integer):

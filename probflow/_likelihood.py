@@ -33,7 +33,7 @@ from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import BitsPerDimResult, LikelihoodResult
 from ._sde import VPSDE, AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
-from ._validate import check_model, check_positive_int, error_if_nonfinite
+from ._validate import check_model, check_num_bins, check_positive_int, error_if_nonfinite
 from .data._dataset import to_model_space
 
 _DIVERGENCE_MODES = DIVERGENCE_MODES
@@ -221,9 +221,7 @@ def bits_per_dim(
     x_int = jnp.asarray(x_int)
     if x_int.ndim < 1 or x_int.shape[0] < 1:
         raise ValueError(f"x_int must have a leading batch axis, got shape {x_int.shape}")
-    num_bins = check_positive_int(num_bins, "num_bins")
-    if num_bins < 2:
-        raise ValueError(f"num_bins must be >= 2, got {num_bins}")
+    num_bins = check_num_bins(num_bins)
     try:
         lo, hi = (float(v) for v in data_range)
     except (TypeError, ValueError):

@@ -156,6 +156,15 @@ class GaussianMixture(eqx.Module):
         return GaussianMixture(weights, np.asarray(new_m), new_c)
 
 
+def _check_example(x, dim: int) -> None:
+    """One example of the mixture: shape [D] (broadcasting would silently give another answer)."""
+    if jnp.shape(x) != (dim,):
+        raise ValueError(
+            f"x must be one example of shape ({dim},) (no batch axis; vmap for batches), got "
+            f"shape {jnp.shape(x)}"
+        )
+
+
 class MixtureScore(eqx.Module):
     """The exact score of a Gaussian mixture diffused by an SDE: model(t, x) for one example."""
 
@@ -163,6 +172,8 @@ class MixtureScore(eqx.Module):
     sde: AbstractSDE
 
     def __call__(self, t: ArrayLike, x: Array) -> Array:
+        _check_example(x, self.mixture.dim)
+
         def logp(xi):
             return jax.nn.logsumexp(self.mixture.component_log_joint(xi, self.sde, t))
 
@@ -176,5 +187,6 @@ class MixtureClassifier(eqx.Module):
     sde: AbstractSDE
 
     def __call__(self, t: ArrayLike, x: Array) -> Array:
+        _check_example(x, self.mixture.dim)
         joint = self.mixture.component_log_joint(x, self.sde, t)
         return joint - jax.nn.logsumexp(joint)

@@ -13,7 +13,9 @@ formats, the shape checks and the error messages.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -100,6 +102,17 @@ def network_kwargs(config) -> dict:
                                   f"(model.conditional True) are supported")
     if cfg["model"].get("conv_size", 3) != 3:
         raise ScoreSDEImportError(f"config {label}: only model.conv_size 3 is supported")
+    try:
+        return _network_kwargs(f, name)
+    except ScoreSDEImportError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ScoreSDEImportError(
+            f"config {label}: a model or data field has the wrong type ({e})"
+        ) from None
+
+
+def _network_kwargs(f, name: str) -> dict:
     size = int(f("data", "image_size"))
     kw: dict[str, Any] = dict(
         shape=(size, size, int(f("data", "num_channels"))),
@@ -306,9 +319,20 @@ def _parameter_table(net: NCSNpp) -> list[_Param]:
 
 
 def _sniff(path: Path) -> str:
+    """"torch", "npz" (numpy's zip of .npy files, also a zip like torch's own format) or
+    "flax" (anything else: msgpack has no magic bytes)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "torch"  # torch.load says what is wrong with it
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        return "torch"
+    if head.startswith(_TORCH_LEGACY_MAGIC):
         return "torch"
     return "flax"
 
@@ -317,6 +341,14 @@ def _neither(path) -> ScoreSDEImportError:
     return ScoreSDEImportError(
         f"{path} is neither a score_sde_pytorch checkpoint (torch.save) nor a score_sde flax "
         f"checkpoint (msgpack)"
+    )
+
+
+def _npz_given(path) -> ScoreSDEImportError:
+    return ScoreSDEImportError(
+        f"{path} is a numpy .npz archive, not a model checkpoint: give a probflow checkpoint "
+        f"(.eqx), a run directory or a shipped model's name, or with a config a checkpoint of "
+        f"the paper's code (.pth or flax)"
     )
 
 
@@ -340,16 +372,63 @@ def _read_torch(path: Path) -> dict:
     return dict(ckpt)
 
 
-def _unchunk(tree):
+# Bounds on a flax file's tree, checked while reading it (msgpack itself stops at 1024 levels of
+# nesting): the paper's trees are 5 levels deep with at most a few hundred entries per map.
+MAX_FLAX_DEPTH = 64
+MAX_FLAX_ENTRIES = 100_000
+
+
+def _unchunk(tree, path, where=()):
     """flax's msgpack_restore: arrays over 1 GiB are stored as {'__msgpack_chunked_array__',
-    'shape', 'chunks'} with tuples as {'0': ..., '1': ...}."""
-    if isinstance(tree, dict):
-        if tree.get("__msgpack_chunked_array__"):
-            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
-            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            return np.concatenate(chunks).reshape(shape)
-        return {k: _unchunk(v) for k, v in tree.items()}
-    return tree
+    'shape', 'chunks'} with tuples as {'0': ..., '1': ...}. Also checks the tree: string keys,
+    at most `MAX_FLAX_DEPTH` levels (walked without recursion)."""
+    out: dict = {}
+    stack = [(tree, out, where)]
+    while stack:
+        node, into, at = stack.pop()
+        if len(at) > MAX_FLAX_DEPTH:
+            raise ScoreSDEImportError(
+                f"{path}: the flax checkpoint's tree nests {len(at)} levels deep, more than the "
+                f"{MAX_FLAX_DEPTH} allowed (at {'/'.join(at[:4])}/...): not a score_sde "
+                f"checkpoint"
+            )
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise ScoreSDEImportError(
+                    f"{path}: the flax checkpoint's key {k!r} (under {'/'.join(at) or 'the top'}) "
+                    f"is not a string: not a score_sde checkpoint"
+                )
+            if isinstance(v, dict) and v.get("__msgpack_chunked_array__"):
+                into[k] = _chunked_array(v, path, (*at, k))
+            elif isinstance(v, dict):
+                into[k] = {}
+                stack.append((v, into[k], (*at, k)))
+            else:
+                into[k] = v
+    return out
+
+
+def _chunked_array(node: dict, path, at: tuple) -> np.ndarray:
+    name = "/".join(at)
+    shape, chunks = node.get("shape"), node.get("chunks")
+    ok = (isinstance(shape, dict) and isinstance(chunks, dict)
+          and set(shape) == {str(i) for i in range(len(shape))}
+          and set(chunks) == {str(i) for i in range(len(chunks))})
+    parts: list = []
+    dims: list = []
+    if ok and isinstance(shape, dict) and isinstance(chunks, dict):
+        dims = [shape[str(i)] for i in range(len(shape))]
+        parts = [chunks[str(i)] for i in range(len(chunks))]
+        ok = (all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+              and all(isinstance(c, np.ndarray) and c.ndim == 1 for c in parts) and parts
+              and len({c.dtype for c in parts}) == 1
+              and sum(c.size for c in parts) == math.prod(dims))
+    if not ok:
+        raise ScoreSDEImportError(
+            f"{path}: {name} is a malformed chunked array (flax's 'shape' and 'chunks' maps, "
+            f"chunks of one dtype adding up to the shape)"
+        )
+    return np.concatenate(parts).reshape(dims)
 
 
 def _ext_hook(code, data):
@@ -374,12 +453,13 @@ def _read_flax(path: Path) -> dict:
         ) from None
     data = Path(path).read_bytes()
     try:
-        state = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        state = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                                max_map_len=MAX_FLAX_ENTRIES, max_array_len=MAX_FLAX_ENTRIES)
     except Exception:  # msgpack raises ExtraData, FormatError, ValueError, ...
         raise _neither(path) from None
     if not isinstance(state, dict) or not ({"params_ema", "optimizer"} & set(state)):
         raise _neither(path)
-    return _unchunk(state)
+    return _unchunk(state, path)
 
 
 def _unwrap_params(tree):
@@ -396,12 +476,15 @@ def _flax_lookup(tree, keys: tuple[str, ...]):
     return tree
 
 
-def _flax_leaves(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flax_leaves(v, (*prefix, k))
-    else:
-        yield prefix
+def _flax_leaves(tree):
+    """The paths of the leaves of a (checked, bounded) flax tree."""
+    stack: list[tuple[tuple, Any]] = [((), tree)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(((*prefix, k), v) for k, v in reversed(node.items()))
+        else:
+            yield prefix
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -412,6 +495,15 @@ def _to_numpy(value) -> np.ndarray:
 
 def _torch_arrays(ckpt: dict, table: list[_Param], expected: dict, *, ema: bool, label: str,
                   path) -> list:
+    import torch
+
+    for k, v in ckpt["model"].items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ScoreSDEImportError(
+                f"{path}: the checkpoint's 'model' must map parameter names to tensors, got "
+                f"{type(k).__name__} {str(k)[:40]!r} -> {type(v).__name__}: not a "
+                f"score_sde_pytorch checkpoint"
+            )
     model = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     for p in table:
         if p.torch not in model:
@@ -440,6 +532,12 @@ def _torch_arrays(ckpt: dict, table: list[_Param], expected: dict, *, ema: bool,
             raise ScoreSDEImportError(
                 f"{path} holds no EMA weights ('ema' with 'shadow_params'); pass ema=False to "
                 f"use the raw weights"
+            )
+        if not isinstance(shadow, (list, tuple)) or not all(
+                isinstance(s, torch.Tensor) for s in shadow):
+            raise ScoreSDEImportError(
+                f"{path}: the EMA's 'shadow_params' must be a list of tensors, got "
+                f"{type(shadow).__name__}: not a score_sde_pytorch checkpoint"
             )
         trainable = [p for p in table if p.trainable]
         if len(shadow) != len(trainable):
@@ -471,6 +569,11 @@ def _flax_arrays(state: dict, table: list[_Param], expected: dict, *, ema: bool,
         if params is None:
             raise ScoreSDEImportError(f"{path} holds no raw weights ('optimizer' / 'target')")
     params = _unwrap_params(params)
+    if not isinstance(params, dict):
+        raise ScoreSDEImportError(
+            f"{path}: the weights ({'params_ema' if ema else 'optimizer/target'}) must be a tree "
+            f"of named arrays, got {type(params).__name__}: not a score_sde checkpoint"
+        )
     out = []
     for p in table:
         value = _flax_lookup(params, p.flax)
@@ -479,6 +582,11 @@ def _flax_arrays(state: dict, table: list[_Param], expected: dict, *, ema: bool,
             raise ScoreSDEImportError(
                 f"{path}: the checkpoint has no parameter {name!r}, which config {label} "
                 f"expects: the config does not fit the weights"
+            )
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+            raise ScoreSDEImportError(
+                f"{path}: parameter {name} is not an array of numbers (got "
+                f"{type(value).__name__}): not a score_sde checkpoint"
             )
         got, want = tuple(np.shape(value)), tuple(expected[p.path])
         if got != want:
@@ -524,12 +632,21 @@ def load_score_sde(path: str | os.PathLike, config, *, ema: bool = True):
     order = {jax.tree_util.keystr(k): i for i, (k, _) in enumerate(leaves)}
     assert set(order) == {p.path for p in table}, "parameter table out of step with NCSNpp"
     expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}
+    if _sniff(path) == "npz":
+        raise _npz_given(path)
     if _sniff(path) == "torch":
         arrays = _torch_arrays(_read_torch(path), table, expected, ema=ema, label=label,
                                path=path)
     else:
         arrays = _flax_arrays(_read_flax(path), table, expected, ema=ema, label=label,
                               path=path)
+    for p, a in zip(table, arrays):
+        if not np.isfinite(a).all():
+            name = p.torch if _sniff(path) == "torch" else "/".join(p.flax)
+            raise ScoreSDEImportError(
+                f"{path}: parameter {name} holds non-finite values (NaN or inf); the model "
+                f"cannot be used"
+            )
     values: list[Any] = [None] * len(leaves)
     for p, a in zip(table, arrays):
         values[order[p.path]] = jnp.asarray(a)
@@ -558,6 +675,11 @@ def load_score_model(checkpoint: str | os.PathLike, config=None, *, ema: bool = 
         path = Path(checkpoint)
         if path.is_dir():
             path = path / "checkpoint.eqx"
+            if not path.is_file():
+                raise ScoreSDEImportError(
+                    f"{spec!r} is a folder without a checkpoint.eqx (a run directory holds one "
+                    f"once training has written its first checkpoint)"
+                )
         if not path.is_file():
             raise ScoreSDEImportError(
                 f"no such file {spec!r} (and not a shipped model: "
@@ -566,6 +688,8 @@ def load_score_model(checkpoint: str | os.PathLike, config=None, *, ema: bool = 
     try:
         model, sde, cfg = load_checkpoint(path)
     except CheckpointError:
+        if _sniff(path) == "npz":
+            raise _npz_given(path) from None
         if _sniff(path) == "torch" or _looks_like_msgpack(path):
             raise ScoreSDEImportError(
                 f"{path} is a checkpoint of the paper's code; name its config (e.g. "

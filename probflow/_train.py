@@ -85,6 +85,7 @@ def train(
     """
     _check_arguments(model, sde, config)
     examples = TrainingData.of(data, model.shape)
+    _check_finite_data(examples.examples)
     data_name = examples.name if data_name is None else data_name
     if resume and out is None:
         raise ValueError("resume=True needs the run directory `out`")
@@ -161,6 +162,20 @@ def train(
         step=step,
         losses=np.concatenate(losses) if losses else np.zeros((0,), np.float32),
     )
+
+
+def _check_finite_data(examples) -> None:
+    """Float data must be finite: a NaN in the data makes the loss NaN, which would otherwise be
+    reported as a divergence (and blamed on the learning rate)."""
+    if not jnp.issubdtype(examples.dtype, jnp.inexact):
+        return  # integer levels, range-checked by the Dataset
+    finite = np.isfinite(np.asarray(examples).reshape(len(examples), -1)).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"data holds NaN or inf values in {len(bad)} of {len(examples)} examples (first: "
+            f"example {bad[0]}); remove or fix them before training"
+        )
 
 
 def _diverged(loss, bad: int, last_good: int | None, run_dir) -> TrainingDivergedError:

@@ -57,6 +57,33 @@ def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | N
     return ivalue
 
 
+#: The most bins a quantisation may have: levels past 2**24 are not distinct in float32, where
+#: the model sees `(level + u) / num_bins`.
+MAX_NUM_BINS = 2**24
+
+
+def check_num_bins(value, name: str = "num_bins") -> int:
+    """An integer number of quantisation bins in [2, 2**24] (a float such as 17.9 is an error,
+    never truncated; 0-d integer arrays are taken)."""
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
+        value = value.item()
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        bins = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be an integer in [2, 2**24], got {value!r} "
+            f"({type(value).__name__})"
+        ) from None
+    if not 2 <= bins <= MAX_NUM_BINS:
+        raise ValueError(
+            f"{name} must be an integer in [2, 2**24] (levels past 2**24 are not distinct in "
+            f"float32), got {bins}"
+        )
+    return bins
+
+
 def check_positive_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -8,10 +8,12 @@ module; the command modules import this one; `_main` imports the command modules
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,25 +122,92 @@ def format_rows(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return format_dict_rows(list(rows), list(columns))
 
 
-def write_json(path: str | None, payload: dict) -> None:
+def write_json(path: str | None, payload: dict, flag: str = "--json") -> None:
     if path is None:
         return
-    p = Path(path)
-    if not p.parent.exists():
-        raise CLIError(f"--json: directory does not exist: {p.parent}")
-    p.write_text(json.dumps(payload, indent=2) + "\n")
+    with writing(flag, path):
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def out_path(path: str | None, suffix: str, flag: str = "--out") -> Path | None:
-    """`path` checked to end in `suffix` and to lie in an existing directory."""
+@contextlib.contextmanager
+def writing(flag: str, path):
+    """Writes of an output that `out_path` checked: a failure that only shows while writing (a
+    full disk) is one line naming the option, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise CLIError(f"{flag}: cannot write {str(path)!r} ({e.strerror or e})") from None
+
+
+def out_path(path: str | None, suffix: str | None, flag: str = "--out", *,
+             folder: bool = False, create: bool = True) -> Path | None:
+    """THE check of an output path, done by every subcommand before its work starts, so that a
+    long run never fails (and loses its results) at its last step.
+
+    A file (`folder=False`): ends in `suffix` (None: any name), is not a directory, and its
+    directory exists or is created, and takes a new file (a probe file is created and removed
+    there, which also catches read-only file systems and /proc, where `os.access` says yes to
+    root); an existing file must open for appending. A folder: not an existing file, created
+    when `create` (else the nearest existing parent must take a new file). Raises `CLIError`
+    (one line naming `flag`).
+    """
     if path is None:
         return None
     p = Path(path)
-    if p.suffix.lower() != suffix:
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise CLIError(f"{flag}: {path!r} exists and is not a folder")
+        if create:
+            _make_dirs(p, flag, path)
+        _probe(p if p.is_dir() else _existing_parent(p, flag, path), flag, path)
+        return p
+    if p.is_dir():
+        raise CLIError(f"{flag}: {path!r} is a directory; expected a file name"
+                       + (f" ending in {suffix}" if suffix else ""))
+    if suffix is not None and p.suffix.lower() != suffix:
         raise CLIError(f"{flag}: expected a {suffix} file name, got {path!r}")
-    if not p.parent.exists():
-        raise CLIError(f"{flag}: directory does not exist: {p.parent}")
+    parent = p.parent if str(p.parent) else Path(".")
+    _make_dirs(parent, flag, path)
+    if p.exists():
+        try:
+            with open(p, "ab"):
+                pass
+        except OSError as e:
+            raise CLIError(f"{flag}: cannot write {path!r} ({e.strerror or e})") from None
+    else:
+        _probe(parent, flag, path)
     return p
+
+
+def _existing_parent(p: Path, flag: str, path) -> Path:
+    q = p.absolute()
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise CLIError(f"{flag}: cannot create {path!r}: {str(q)!r} is a file, not a folder")
+    return q
+
+
+def _make_dirs(d: Path, flag: str, path) -> None:
+    _existing_parent(d, flag, path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(
+            f"{flag}: cannot create the folder {str(d)!r} for {path!r} ({e.strerror or e})"
+        ) from None
+
+
+def _probe(d: Path, flag: str, path) -> None:
+    """Create and remove a file in the folder `d`: the one test of writability that holds for
+    every user and file system."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probflow-write-check-", dir=d)
+    except OSError as e:
+        raise CLIError(f"{flag}: cannot write {path!r}: the folder {str(d)!r} does not take "
+                       f"new files ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def relative_error(a, b):

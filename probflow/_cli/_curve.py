@@ -27,6 +27,7 @@ from ._common import (
     positive_ints,
     progress_bar,
     write_json,
+    writing,
 )
 
 
@@ -212,13 +213,16 @@ def _run_nfe_curve(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
+    out_path(args.json, None, "--json")
     settings = settings_from(args)
     loaded = load_args_model(args)
     ds = load_data(args.data, args.split)
     check_data_matches(ds, loaded)
     rows, lik = run_nfe_curve(loaded, ds, settings, eps=args.eps, seed=args.seed,
                               classifier=digits_classifier_for(ds))
-    pf.plot_nfe_curve(rows, out, likelihood_rows=lik, title=f"{args.checkpoint} on {args.data}")
+    with writing("--out", out):
+        pf.plot_nfe_curve(rows, out, likelihood_rows=lik,
+                          title=f"{args.checkpoint} on {args.data}")
     print(format_rows(rows, SAMPLE_COLUMNS))
     if lik:
         print()

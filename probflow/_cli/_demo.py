@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +25,7 @@ from ._common import (
     load_data,
     model_space,
     nonneg_int,
+    out_path,
     positive_int,
     progress_bar,
     relative_error,
@@ -119,10 +118,9 @@ def _run_demo(args) -> int:
 
     import probflow as pf
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out: {args.out!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_path(args.out, None, folder=True)
+    assert out is not None
+    out_path(args.json, None, "--json")
     plan = QUICK if args.quick else dataclasses.replace(PLAN, bpd_images=args.bpd_images)
     clock = _Stopwatch()
     loaded = load_args_model(args)
@@ -214,7 +212,7 @@ def _run_demo(args) -> int:
     summary["seconds_total"] = total["wall_s"]
     summary["cpu_seconds_total"] = total["cpu_s"]
     summary["timings"] = clock.sections
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(str(out / "summary.json"), summary, "--out")
     write_json(args.json, summary)
     print(format_table(["result", "value", "NFE mean / max", "time (s)", "file"], table))
     print(f"\ntest bits/dim {stats}")

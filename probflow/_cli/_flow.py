@@ -28,6 +28,7 @@ from ._common import (
     positive_int,
     relative_error,
     write_json,
+    writing,
 )
 from ._training import add_process_options, init_processes
 
@@ -86,6 +87,8 @@ def _run_bpd(args) -> int:
 
     import probflow as pf
 
+    if args.process_id in (None, 0):  # the process that writes the results
+        out_path(args.json, None, "--json")
     init_processes(args)  # a multi-process run splits the images across the processes
 
     loaded = load_args_model(args)
@@ -154,6 +157,7 @@ def _run_encode(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".npz")
+    out_path(args.json, None, "--json")
     loaded, ds, x = load_model_and_data(args)
     n = len(x)
     kw = ode_kwargs(args)
@@ -163,9 +167,10 @@ def _run_encode(args) -> int:
     t_enc = time.perf_counter() - start
     dec = pf.decode(loaded.model, loaded.sde, z, **kw)
     err = relative_error(dec.x, x)
-    np.savez(out, z=z, x=x, labels=np.asarray(ds.labels[:n]), nfe=np.asarray(enc.nfe),
-             eps=args.eps, checkpoint=args.checkpoint, config=args.config or "",
-             raw_weights=args.raw_weights)
+    with writing("--out", out):
+        np.savez(out, z=z, x=x, labels=np.asarray(ds.labels[:n]), nfe=np.asarray(enc.nfe),
+                 eps=args.eps, checkpoint=args.checkpoint, config=args.config or "",
+                 raw_weights=args.raw_weights)
     row = [args.checkpoint, n, round(float(np.mean(enc.nfe)), 1),
            round(float(np.mean(dec.nfe)), 1), f"{err.mean():.2e}", f"{err.max():.2e}",
            round(t_enc, 1), str(out)]
@@ -191,6 +196,55 @@ def _add_decode(p) -> None:
                    help="also save the decoded images as .npz (default: none)")
 
 
+def _read_latents(name: str) -> dict:
+    """The arrays of a latents file written by `probflow encode`, each checked: `z` a finite
+    floating batch; `x` (optional) of z's shape; `eps` a number; `checkpoint` and `config`
+    strings; `raw_weights` a bool."""
+    path = Path(name)
+    if not path.is_file():
+        raise CLIError(f"--latents: no such file {name!r}")
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # np.load reads .npy files too
+            raise CLIError(f"--latents: {name!r} is a .npy array, not a latents .npz (written "
+                           f"by probflow encode)")
+        with f:
+            arrays = {k: f[k] for k in f.files}
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"--latents: {name!r} is not a latents .npz ({e})") from None
+    z = arrays.get("z")
+    if z is None:
+        raise CLIError(f"--latents: {name!r} holds no 'z' array (holds: "
+                       f"{', '.join(arrays) or 'nothing'})")
+    if z.dtype.kind != "f" or z.ndim < 2 or z.shape[0] < 1:
+        raise CLIError(f"--latents: z must be a floating array [N, ...] with N >= 1, got dtype "
+                       f"{z.dtype} and shape {z.shape}")
+    bad = int(np.sum(~np.isfinite(z.reshape(len(z), -1)).all(axis=1)))
+    if bad:
+        raise CLIError(f"--latents: z holds NaN or inf values in {bad} of {len(z)} latents "
+                       f"(encode the images again)")
+    out: dict = {"z": z}
+    x = arrays.get("x")
+    if x is not None:
+        if x.shape != z.shape or x.dtype.kind != "f":
+            raise CLIError(f"--latents: x must be a floating array of z's shape {z.shape}, got "
+                           f"{x.dtype} {x.shape}")
+        out["x"] = x
+    scalars = (("eps", "fi", float, "a number in (0, T)"), ("checkpoint", "U", str, "a name"),
+               ("config", "U", str, "a name"), ("raw_weights", "b", bool, "true or false"))
+    for key, kind, cast, what in scalars:
+        if key not in arrays:
+            continue
+        v = arrays[key]
+        if v.shape != () or v.dtype.kind not in kind:
+            raise CLIError(f"--latents: {key} must be {what} (one {cast.__name__}), got an array "
+                           f"of dtype {v.dtype} and shape {v.shape}")
+        out[key] = cast(v.item())
+    return out
+
+
 def _run_decode(args) -> int:
     import jax
 
@@ -198,23 +252,18 @@ def _run_decode(args) -> int:
 
     out = out_path(args.out, ".png")
     npz = out_path(args.npz, ".npz", "--npz")
-    path = Path(args.latents)
-    if not path.exists():
-        raise CLIError(f"--latents: no such file {args.latents!r}")
-    try:
-        data = np.load(path)
-        z = data["z"]
-    except Exception as e:
-        raise CLIError(f"--latents: {args.latents!r} is not a latents .npz ({e})") from None
-    checkpoint = args.checkpoint or (str(data["checkpoint"]) if "checkpoint" in data else None)
+    out_path(args.json, None, "--json")
+    data = _read_latents(args.latents)
+    z = data["z"]
+    checkpoint = args.checkpoint or data.get("checkpoint")
     if checkpoint is None:
         raise CLIError("--checkpoint is required: the latents file does not name its model")
     if args.eps is None:
-        args.eps = float(data["eps"]) if "eps" in data else 1e-3
-    if args.checkpoint is None and args.config is None and str(data.get("config", "")):
+        args.eps = data.get("eps", 1e-3)
+    if args.checkpoint is None and args.config is None and data.get("config"):
         # The latents' own model: a paper checkpoint also needs its config and weights choice.
-        args.config = str(data["config"])
-        args.raw_weights = bool(data.get("raw_weights", False))
+        args.config = data["config"]
+        args.raw_weights = data.get("raw_weights", False)
     loaded = load_args_model(args, checkpoint)
     if tuple(z.shape[1:]) != loaded.shape:
         raise CLIError(f"--latents: latents of shape {z.shape[1:]} do not fit the model's "
@@ -223,11 +272,13 @@ def _run_decode(args) -> int:
     dec = pf.decode(loaded.model, loaded.sde, z, **ode_kwargs(args))
     x = np.asarray(jax.block_until_ready(dec.x))
     elapsed = time.perf_counter() - start
-    err = relative_error(x, data["x"]) if "x" in data else None
+    err = relative_error(x, data["x"]) if data.get("x") is not None else None
     if out is not None:
-        pf.save_image_grid(out, x, data_range=loaded.data_range)
+        with writing("--out", out):
+            pf.save_image_grid(out, x, data_range=loaded.data_range)
     if npz is not None:
-        np.savez(npz, x=x)
+        with writing("--npz", npz):
+            np.savez(npz, x=x)
     print(format_table(
         ["model", "latents", "nfe mean", "nfe max", "round-trip err mean", "time (s)"],
         [[checkpoint, len(z), round(float(np.mean(dec.nfe)), 1), int(np.max(dec.nfe)),

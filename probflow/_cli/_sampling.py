@@ -24,6 +24,7 @@ from ._common import (
     positive_float,
     positive_int,
     write_json,
+    writing,
 )
 
 
@@ -75,15 +76,18 @@ def _run_sample(args) -> int:
 
     out = out_path(args.out, ".png")
     npz = out_path(args.npz, ".npz", "--npz")
+    out_path(args.json, None, "--json")
     loaded = load_args_model(args)
     start = time.perf_counter()
     r = draw_samples(loaded, args, jax.random.key(args.seed))
     x = np.asarray(jax.block_until_ready(r.x))
     elapsed = time.perf_counter() - start
     if out is not None:
-        pf.save_image_grid(out, x, data_range=loaded.data_range)
+        with writing("--out", out):
+            pf.save_image_grid(out, x, data_range=loaded.data_range)
     if npz is not None:
-        np.savez(npz, x=x, nfe=np.asarray(r.nfe))
+        with writing("--npz", npz):
+            np.savez(npz, x=x, nfe=np.asarray(r.nfe))
     nfe = np.asarray(r.nfe)
     print(format_table(
         ["model", "sampler", "samples", "nfe mean", "nfe max", "time (s)", "out"],
@@ -124,7 +128,10 @@ def make_mask(kind: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
         if not Path(kind).exists():
             raise CLIError(f"--mask: no such file {kind!r}")
-        img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.NEAREST))
+        try:
+            img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.NEAREST))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise CLIError(f"--mask: cannot read {kind!r} as an image ({e})") from None
         m = (img >= 128).astype(np.float32)
     else:
         raise CLIError(f"--mask: unknown mask {kind!r}; choose left, right, top, bottom, center, "
@@ -152,6 +159,7 @@ def _run_inpaint(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
+    out_path(args.json, None, "--json")
     loaded, ds, x = load_model_and_data(args)
     n = len(x)
     lo, hi = loaded.data_range
@@ -163,8 +171,9 @@ def _run_inpaint(args) -> int:
     res = np.asarray(jax.block_until_ready(r.x))
     elapsed = time.perf_counter() - start
     masked = np.where(mask > 0, x, lo)
-    pf.save_image_grid(out, np.concatenate([x, masked, res]), data_range=loaded.data_range,
-                       ncol=n)
+    with writing("--out", out):
+        pf.save_image_grid(out, np.concatenate([x, masked, res]),
+                           data_range=loaded.data_range, ncol=n)
     row = [args.checkpoint, n, args.mask, args.particles, round(float(np.mean(r.nfe)), 1),
            round(elapsed, 1), str(out)]
     result = {"checkpoint": args.checkpoint, "images": n, "mask": args.mask,
@@ -200,6 +209,8 @@ def _run_colorize(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".png")
+    out_path(args.json, None, "--json")
+
     def colour(loaded):
         if loaded.shape[-1] != 3:
             raise CLIError(f"--checkpoint: colorize needs a colour model (3 channels), this one "
@@ -214,8 +225,9 @@ def _run_colorize(args) -> int:
     res = np.asarray(jax.block_until_ready(r.x))
     elapsed = time.perf_counter() - start
     grey_err = float(np.max(np.abs(res.mean(-1, keepdims=True) - gray)))
-    pf.save_image_grid(out, np.concatenate([x, np.repeat(gray, 3, -1), res]),
-                       data_range=loaded.data_range, ncol=n)
+    with writing("--out", out):
+        pf.save_image_grid(out, np.concatenate([x, np.repeat(gray, 3, -1), res]),
+                           data_range=loaded.data_range, ncol=n)
     print(format_table(["model", "images", "nfe mean", "max |grey err|", "time (s)",
                         "out (rows: original, grey, colorized)"],
                        [[args.checkpoint, n, round(float(np.mean(r.nfe)), 1), f"{grey_err:.1e}",

@@ -21,6 +21,7 @@ from ._common import (
     positive_int,
     unit_float,
     write_json,
+    writing,
 )
 
 #: `probflow train`'s values for the options that a `--config` may set instead.
@@ -185,6 +186,8 @@ def _run_train(args) -> int:
 
     from .._train import train
 
+    if args.process_id in (None, 0):  # the process that writes the run
+        out_path(args.out, None, folder=True, create=False)
     init_processes(args)
     if args.devices is None and jax.process_count() > 1:
         args.devices = jax.device_count()  # every device of every process
@@ -217,7 +220,11 @@ def _run_train(args) -> int:
     data_name = args.data or paper.data
     ds = load_data(data_name, "train", data_dir=args.data_dir)
     if args.validation:
-        ds, _ = ds.hold_out(args.validation, seed=0)
+        try:
+            ds, _ = ds.hold_out(args.validation, seed=0)
+        except ValueError as e:
+            raise CLIError(f"--validation {args.validation}: {e} (the data has {len(ds)})"
+                           ) from None
     key = jax.random.key(args.seed)
     if paper is not None:
         if tuple(ds.shape) != paper.shape:
@@ -274,6 +281,7 @@ def _run_train_classifier(args) -> int:
     import probflow as pf
 
     out = out_path(args.out, ".eqx")
+    out_path(args.json, None, "--json")
     train = load_data(args.data, "train")
     test = load_data(args.data, "test")
     sde = None if args.sde == "none" else make_sde(args.sde)
@@ -289,7 +297,9 @@ def _run_train_classifier(args) -> int:
         scale, std = sde.marginal(t)
         x = scale * x + std * jax.random.normal(jax.random.key(0), x.shape)
     acc = float(jnp.mean(pf.classify(clf, x, t) == test.labels))
-    pf.save_classifier(out, clf, {"data": args.data, "sde": args.sde, "test_accuracy": acc})
+    with writing("--out", out):
+        pf.save_classifier(out, clf, {"data": args.data, "sde": args.sde,
+                                      "test_accuracy": acc})
     print(format_table(["data", "sde", "steps", "test acc", "time (s)", "out"],
                        [[args.data, args.sde, args.steps, f"{acc:.3f}", round(elapsed, 1),
                          str(out)]]))

@@ -6,15 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .._validate import check_num_bins
 from ._dataset import Dataset, quantise
 
 
 def _check_bins(num_bins) -> int:
-    if not (isinstance(num_bins, (int, np.integer)) and not isinstance(num_bins, bool)):
-        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-    if num_bins < 2:
-        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-    return int(num_bins)
+    return check_num_bins(num_bins)
 
 
 def _check_range(data_range) -> tuple[float, float]:
@@ -144,9 +141,14 @@ def load_npz(path, split: str = "train") -> Dataset:
     if not p.is_file():
         raise ValueError(f"npz:{path}: no such file (a .npz with an 'images' array)")
     try:
-        data = np.load(p)
+        data = np.load(p, allow_pickle=False)
     except Exception as e:
         raise ValueError(f"npz:{path}: not a .npz file ({e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # np.load reads .npy files too
+        raise ValueError(
+            f"npz:{path}: a .npy array, not a .npz archive; save one with "
+            f"np.savez(path, images=..., labels=..., num_bins=...)"
+        )
     with data:
         key = f"{split}_images" if f"{split}_images" in data else "images"
         if key == "images" and any(k.endswith("_images") for k in data.files):
@@ -157,7 +159,21 @@ def load_npz(path, split: str = "train") -> Dataset:
                 f"{', '.join(data.files)})"
             )
         labels_key = key.replace("images", "labels")
-        images = data[key]
-        labels = data[labels_key] if labels_key in data else None
-        num_bins = int(data["num_bins"]) if "num_bins" in data else 256
-    return from_arrays(images, labels, num_bins=num_bins, name=f"npz:{path}", split=split)
+        try:
+            images = data[key]
+            labels = data[labels_key] if labels_key in data else None
+            num_bins = data["num_bins"] if "num_bins" in data else 256
+        except Exception as e:  # a damaged member
+            raise ValueError(f"npz:{path}: cannot read its arrays ({e})") from None
+    if isinstance(num_bins, np.ndarray) and (num_bins.shape != () or num_bins.dtype.kind
+                                             not in "iu"):
+        raise ValueError(
+            f"npz:{path}: num_bins must be one integer, got an array of dtype {num_bins.dtype} "
+            f"and shape {num_bins.shape}"
+            + (f" ({num_bins.item()!r})" if num_bins.size == 1 else "")
+        )
+    try:
+        return from_arrays(images, labels, num_bins=int(num_bins), name=f"npz:{path}",
+                           split=split)
+    except ValueError as e:
+        raise ValueError(f"npz:{path}: {e}") from None

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from .._validate import check_num_bins
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Dataset:
@@ -40,14 +42,26 @@ class Dataset:
             raise ValueError(
                 f"labels must have shape [N] = {images.shape[:1]}, got shape {labels.shape}"
             )
-        if int(self.num_bins) < 2:
-            raise ValueError(f"num_bins must be an integer >= 2, got {self.num_bins!r}")
-        lo, hi = (float(v) for v in self.data_range)
-        if not hi > lo:
-            raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {self.data_range!r}")
+        num_bins = check_num_bins(self.num_bins)
+        if images.size:
+            low, high = int(jnp.min(images)), int(jnp.max(images))
+            if low < 0 or high >= num_bins:
+                raise ValueError(
+                    f"images must be levels in [0, num_bins) = [0, {num_bins}), got values in "
+                    f"[{low}, {high}]"
+                )
+        try:
+            lo, hi = (float(v) for v in self.data_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"data_range must be a pair (lo, hi), got {self.data_range!r}"
+                             ) from None
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise ValueError(
+                f"data_range must be (lo, hi) with finite hi > lo, got {self.data_range!r}"
+            )
         object.__setattr__(self, "images", images)
         object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "num_bins", int(self.num_bins))
+        object.__setattr__(self, "num_bins", num_bins)
         object.__setattr__(self, "data_range", (lo, hi))
 
     def __len__(self) -> int:
