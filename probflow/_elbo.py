@@ -63,7 +63,8 @@ class VariationalBound(eqx.Module):
         check_positive_int(self.num_times, "num_times")
         if self.num_times < 2 or self.num_times % 2:
             raise ValueError(f"num_times must be an even integer >= 2, got {self.num_times!r}")
-        if check_positive_int(self.num_reconstruction, "num_reconstruction") < 2:
+        check_positive_int(self.num_reconstruction, "num_reconstruction")
+        if self.num_reconstruction < 2:
             raise ValueError(
                 f"num_reconstruction must be >= 2 (its variance is estimated), got "
                 f"{self.num_reconstruction!r}"

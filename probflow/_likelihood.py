@@ -270,7 +270,7 @@ def bits_per_dim(
     if not dequantize and not isinstance(deq, UniformDequantization):
         raise ValueError("dequantization must be None or uniform when dequantize=False")
     bound = as_bound(method)
-    k = check_positive_int(importance_samples, "importance_samples")
+    k = int(check_positive_int(importance_samples, "importance_samples") or 1)
     dtype = jnp.result_type(float) if dtype is None else dtype
     k_deq, k_probe = jax.random.split(key)
     b = x_int.shape[0]

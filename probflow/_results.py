@@ -58,7 +58,8 @@ class BitsPerDimResult(eqx.Module):
 
     bpd: Float[Array, " B"]
     logp: Float[Array, " B"]
-    z: Array
+    #: The latents (of the first dequantization draw); None for `method="elbo"`.
+    z: Array | None
     nfe: Int[Array, " B"]
     num_steps: Int[Array, " B"]
     #: One value per probe [B, P] (`bpd` is their mean); P = 1 for the exact trace.
