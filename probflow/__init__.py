@@ -41,6 +41,8 @@ from ._dpm import LogSNRTimeODE as LogSNRTimeODE
 from ._elbo import VariationalBound as VariationalBound
 from ._elbo import elbo as elbo
 from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
+from ._evaluate import SolverBiasEstimate as SolverBiasEstimate
+from ._evaluate import estimate_solver_bias as estimate_solver_bias
 from ._evaluate import evaluate_bits_per_dim as evaluate_bits_per_dim
 from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
 from ._flow import decode as decode
