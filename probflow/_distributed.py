@@ -202,8 +202,8 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     gathered = _gather_counts(local, counts)
     from ._results import BitsPerDimResult
 
-    return BitsPerDimResult(**{f: jax.numpy.asarray(gathered[f]) for f in fields},
-                            exact_trace=exact)
+    fields_out = {"z": None, **{f: jax.numpy.asarray(gathered[f]) for f in fields}}
+    return BitsPerDimResult(**fields_out, exact_trace=exact)
 
 
 def _slices(num_items: int) -> list[tuple[int, int]]:
