@@ -51,11 +51,12 @@ def _iw(log_weights, k, d):
     lw = np.asarray(log_weights, np.float64).mean(-1)  # [N, M] (one probe)
     n, m = lw.shape
     g = lw[:, : m // k * k].reshape(n, m // k, k)
-    return -(logsumexp(g, axis=2) - math.log(k)).mean(1) / (d * math.log(2))
+    return -(np.asarray(logsumexp(g, axis=2)) - math.log(k)).mean(1) / (d * math.log(2))
 
 
 def run_model(name, images, num_bins, args, key):
     model, sde = pf.load_pretrained(name)
+    assert sde is not None
     d = int(np.prod(images.shape[1:]))
     n = images.shape[0]
     rows, per_image = [], {}
@@ -124,7 +125,7 @@ def _table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--models", default="digits-vp,digits-subvp")
     p.add_argument("--check", type=int, default=16)

@@ -58,14 +58,15 @@ def estimate_solver_bias(
     """Estimate the solver's bias of the mean bits/dim on `num_images` images of `x_int` chosen
     at random: each is solved with `options` (as `bits_per_dim`) and again 100x tighter with the
     same key (same dequantization and probes); see the module docstring."""
-    num_images = check_positive_int(num_images, "num_images")
+    num_images = int(check_positive_int(num_images, "num_images") or 1)
     if options.get("steps") is not None:
         raise ValueError("check_solver needs an adaptive solve (steps=None)")
     if not isinstance(options.get("method", "ode"), str) or options.get("method", "ode") != "ode":
         raise ValueError("check_solver applies to method='ode' (the ELBO has no solver)")
     rtol = float(options.pop("rtol", BPD_TOL))
     atol = float(options.pop("atol", BPD_TOL))
-    n = int(np.shape(x_int)[0])
+    x_int = x_int if isinstance(x_int, jax.Array) else np.asarray(x_int)
+    n = int(x_int.shape[0])
     k_pick, k_eval = jax.random.split(key)
     idx = np.sort(np.asarray(jax.random.choice(k_pick, n, (min(num_images, n),), replace=False)))
     sub = x_int[idx]
