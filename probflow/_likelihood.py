@@ -236,9 +236,13 @@ def bits_per_dim(
     space (for uniform, -log q = D log((hi - lo) / num_bins): the formula above).
     `importance_samples=K` draws K dequantizations per image and combines them by log-mean-exp
     of p(y_k) / q(y_k | x) (a bound for every K, tighter as K grows; `r.log_weights` [B, K, P]
-    holds every draw, `r.nfe` their total). `method="elbo"` (or a `pf.VariationalBound(...)`)
-    replaces log p(y) by minus the variational bound of `pf.elbo` (no ODE solve; the solver
-    options are then unused and `r.z` is None). See docs/likelihood.md.
+    holds every draw, `r.nfe` their total). With Hutchinson probes it is a bound only up to the
+    probe noise inside the log-mean-exp (a downward bias of about its variance / 2 nats as K
+    grows), so each draw's P probes are averaged first and `r.bpd_probes` is [B, 1] for K > 1;
+    use `trace="exact"` or several probes when this number is the one reported.
+    `method="elbo"` (or a `pf.VariationalBound(...)`) replaces log p(y) by minus the variational
+    bound of `pf.elbo` (no ODE solve; the solver options are then unused and `r.z` is None).
+    See docs/likelihood.md.
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
@@ -305,7 +309,13 @@ def bits_per_dim(
     # log p(y) - log q(y | x) on model space, q = q_u / w^D; [B, K, P]
     log_weights = logp_probes - log_q[:, None] + log_width
     log_weights = jnp.swapaxes(log_weights.reshape(k, b, -1), 0, 1)
-    bpd_probes = -importance_weighted(log_weights) / (d * math.log(2.0))
+    if k > 1:
+        # The probes of a draw are averaged inside the log-mean-exp: probe noise there biases the
+        # bound down by about its variance / 2 as K grows, and averaging divides it by P.
+        bpd_probes = -importance_weighted(jnp.mean(log_weights, axis=2, keepdims=True))
+    else:
+        bpd_probes = -log_weights[:, 0]
+    bpd_probes = bpd_probes / (d * math.log(2.0))
     return BitsPerDimResult(
         bpd=jnp.mean(bpd_probes, axis=1),
         logp=-jnp.mean(bpd_probes, axis=1) * (d * math.log(2.0)) - log_width,

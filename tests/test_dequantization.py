@@ -131,6 +131,14 @@ def test_dequantization_objects_and_errors():
     assert np.all((np.asarray(u) >= 0) & (np.asarray(u) <= 1))
     model = pf.GaussianMixture([1.0], [[0.0, 0.0]], [np.eye(2)]).score_model(SDE)
     x_int = jnp.zeros((2, 2), jnp.int32)
+    # K > 1 with P probes: each draw's probes are averaged inside the log-mean-exp.
+    r = pf.bits_per_dim(model, SDE, x_int + 1, key=jax.random.key(5), num_bins=4,
+                        data_range=(-2.0, 2.0), num_probes=2, importance_samples=3)
+    assert r.log_weights.shape == (2, 3, 2) and r.bpd_probes.shape == (2, 1)
+    lw = np.asarray(r.log_weights, np.float64).mean(2)
+    np.testing.assert_allclose(np.asarray(r.bpd),
+                               -(logsumexp(lw, axis=1) - math.log(3)) / (2 * math.log(2)),
+                               rtol=1e-5)
     for bad, match in [(dict(importance_samples=0), "importance_samples"),
                        (dict(dequantization="gaussian"), "dequantization"),
                        (dict(dequantization=pf.TruncatedNormalDequantization(),
