@@ -23,6 +23,9 @@ from ._curves import likelihood_curve as likelihood_curve
 from ._curves import nfe_curve as nfe_curve
 from ._curves import plot_nfe_curve as plot_nfe_curve
 from ._curves import save_image_grid as save_image_grid
+from ._dequantization import AbstractDequantization as AbstractDequantization
+from ._dequantization import TruncatedNormalDequantization as TruncatedNormalDequantization
+from ._dequantization import UniformDequantization as UniformDequantization
 from ._distributed import distributed_bits_per_dim as distributed_bits_per_dim
 from ._distributed import initialize_distributed as initialize_distributed
 from ._divergence import AbstractTraceEstimator as AbstractTraceEstimator
@@ -35,7 +38,11 @@ from ._dpm import AbstractExponentialIntegrator as AbstractExponentialIntegrator
 from ._dpm import DPMSolver as DPMSolver
 from ._dpm import DPMSolverMultistep as DPMSolverMultistep
 from ._dpm import LogSNRTimeODE as LogSNRTimeODE
+from ._elbo import VariationalBound as VariationalBound
+from ._elbo import elbo as elbo
 from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
+from ._evaluate import SolverBiasEstimate as SolverBiasEstimate
+from ._evaluate import estimate_solver_bias as estimate_solver_bias
 from ._evaluate import evaluate_bits_per_dim as evaluate_bits_per_dim
 from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
 from ._flow import decode as decode
@@ -67,6 +74,7 @@ from ._pretrained import load_pretrained as load_pretrained
 from ._results import BitsPerDimResult as BitsPerDimResult
 from ._results import BitsPerDimSummary as BitsPerDimSummary
 from ._results import DecodeResult as DecodeResult
+from ._results import ELBOResult as ELBOResult
 from ._results import EncodeResult as EncodeResult
 from ._results import LikelihoodResult as LikelihoodResult
 from ._results import SampleResult as SampleResult

@@ -183,14 +183,16 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
                      **options)
         for s in starts[first:last]
     ]
-    fields = ("bpd", "logp", "z", "nfe", "num_steps", "bpd_probes")
+    fields = ("bpd", "logp", "z", "nfe", "num_steps", "bpd_probes", "log_weights")
     if mine:
+        fields = tuple(f for f in fields if getattr(mine[0], f) is not None)  # z: None for ELBO
         local = {f: np.concatenate([np.asarray(getattr(r, f)) for r in mine]) for f in fields}
         exact = mine[0].exact_trace
     else:  # more processes than batches: this one holds no rows (shapes from a traced call)
         shaped = jax.eval_shape(
             lambda x: bits_per_dim(model, sde, x, key=key, **options), x_int[:1]
         )
+        fields = tuple(f for f in fields if getattr(shaped, f) is not None)
         local = {f: np.zeros((0, *getattr(shaped, f).shape[1:]), getattr(shaped, f).dtype)
                  for f in fields}
         exact = shaped.exact_trace
@@ -200,8 +202,8 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     gathered = _gather_counts(local, counts)
     from ._results import BitsPerDimResult
 
-    return BitsPerDimResult(**{f: jax.numpy.asarray(gathered[f]) for f in fields},
-                            exact_trace=exact)
+    fields_out = {"z": None, **{f: jax.numpy.asarray(gathered[f]) for f in fields}}
+    return BitsPerDimResult(**fields_out, exact_trace=exact)
 
 
 def _slices(num_items: int) -> list[tuple[int, int]]:

@@ -5,6 +5,13 @@ appendix D); `evaluate_bits_per_dim` does that at the library level and summaris
 with `summarize_bits_per_dim` (mean, standard error, spread between images, dequantization and
 probe noise). The keys follow `probflow bpd`: the batch of images starting at index i in repeat r
 uses `fold_in(fold_in(key, r), i)`, so the command line and the library give the same numbers.
+
+The statistical error bar says nothing about the solver. `estimate_solver_bias` estimates the
+solver's bias of the mean: N images chosen at random are solved twice with the same
+dequantization and probes (one key), at the evaluation's tolerances and 100x tighter; the mean
+paired difference estimates the bias of every image's value (the tighter solve's own error is
+about 100^(4/5) times smaller for a method of order 5(4)), and its standard error is their
+spread over sqrt(N).
 """
 
 from __future__ import annotations
@@ -16,19 +23,83 @@ import jax
 import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
-from ._likelihood import bits_per_dim
+from ._likelihood import BPD_TOL, bits_per_dim
 from ._results import BitsPerDimResult, BitsPerDimSummary, summarize_bits_per_dim
 from ._sde import AbstractSDE
 from ._validate import check_positive_int
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SolverBiasEstimate:
+    """The solver's estimated bias of the mean bits/dim (`estimate_solver_bias`): `bias` = mean over
+    `num_images` of bpd(tolerances) - bpd(tolerances / 100) with the same draws, `bias_se` its
+    standard error, `bpd` and `bpd_tight` [N] the paired values, `nfe` and `nfe_tight` [N]."""
+
+    bias: float
+    bias_se: float
+    num_images: int
+    rtol: float
+    atol: float
+    bpd: np.ndarray
+    bpd_tight: np.ndarray
+    nfe: np.ndarray
+    nfe_tight: np.ndarray
+
+    def as_dict(self) -> dict:
+        return {"bias": self.bias, "bias_se": self.bias_se, "num_images": self.num_images,
+                "rtol": self.rtol, "atol": self.atol, "nfe_mean": float(self.nfe.mean()),
+                "nfe_tight_mean": float(self.nfe_tight.mean())}
+
+
+def estimate_solver_bias(
+    model: Callable, sde: AbstractSDE, x_int: ArrayLike, *, key: PRNGKeyArray, num_images: int,
+    **options,
+) -> SolverBiasEstimate:
+    """Estimate the solver's bias of the mean bits/dim on `num_images` images of `x_int` chosen
+    at random: each is solved with `options` (as `bits_per_dim`) and again 100x tighter with the
+    same key (same dequantization and probes); see the module docstring."""
+    num_images = int(check_positive_int(num_images, "num_images") or 1)
+    if options.get("steps") is not None:
+        raise ValueError("check_solver needs an adaptive solve (steps=None)")
+    if not isinstance(options.get("method", "ode"), str) or options.get("method", "ode") != "ode":
+        raise ValueError("check_solver applies to method='ode' (the ELBO has no solver)")
+    rtol = float(options.pop("rtol", BPD_TOL))
+    atol = float(options.pop("atol", BPD_TOL))
+    x_int = x_int if isinstance(x_int, jax.Array) else np.asarray(x_int)
+    n = int(x_int.shape[0])
+    k_pick, k_eval = jax.random.split(key)
+    idx = np.sort(np.asarray(jax.random.choice(k_pick, n, (min(num_images, n),), replace=False)))
+    sub = x_int[idx]
+    a = bits_per_dim(model, sde, sub, key=k_eval, rtol=rtol, atol=atol, **options)
+    b = bits_per_dim(model, sde, sub, key=k_eval, rtol=rtol / 100, atol=atol / 100, **options)
+    diff = np.asarray(a.bpd, np.float64) - np.asarray(b.bpd, np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size >= 2 else float("nan")
+    return SolverBiasEstimate(
+        bias=float(diff.mean()), bias_se=se, num_images=int(diff.size), rtol=rtol, atol=atol,
+        bpd=np.asarray(a.bpd), bpd_tight=np.asarray(b.bpd), nfe=np.asarray(a.nfe),
+        nfe_tight=np.asarray(b.nfe),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class BitsPerDimEvaluation:
     """`summary`: the data set's bits/dim and its error bars; `results`: one `BitsPerDimResult`
-    per repeat over all images, in order (`bpd_probes` [N, K] each)."""
+    per repeat over all images, in order (`bpd_probes` [N, K] each); `solver`: the solver check
+    (`check_solver=N`) or None."""
 
     summary: BitsPerDimSummary
     results: tuple[BitsPerDimResult, ...]
+    solver: SolverBiasEstimate | None = None
+
+    @property
+    def solver_bias(self) -> float | None:
+        """The solver's estimated bias of `summary.mean` (bits/dim), or None without a check."""
+        return None if self.solver is None else self.solver.bias
+
+    @property
+    def solver_bias_se(self) -> float | None:
+        """The standard error of `solver_bias`."""
+        return None if self.solver is None else self.solver.bias_se
 
     @property
     def bpd(self) -> np.ndarray:
@@ -50,6 +121,7 @@ def evaluate_bits_per_dim(
     num_probes: int = 1,
     repeats: int = 1,
     batch_size: int | None = None,
+    check_solver: int | None = None,
     **options,
 ) -> BitsPerDimEvaluation:
     """Bits/dim of the images `x_int` [N, ...] with `num_probes` Hutchinson probes per image and
@@ -60,7 +132,14 @@ def evaluate_bits_per_dim(
     (`num_bins`, `data_range`, `trace`, solver options). The standard error of
     `summary.mean` holds the spread between images and both noises; with more repeats and probes
     only the noises' share falls (as 1/sqrt(repeats) and 1/sqrt(repeats * num_probes)).
+
+    `check_solver=N` also re-solves N images chosen at random at the tolerances and 100x
+    tighter with the same draws (`SolverBiasEstimate`): `ev.solver_bias` estimates the solver's
+    bias of the mean beside the statistical `ev.summary.sem`, with its standard error
+    `ev.solver_bias_se`. It costs N solves at each tolerance (the key is `fold_in(key,
+    repeats)`, unused by the repeats).
     """
+    num_check = check_positive_int(check_solver, "check_solver", allow_none=True)
     repeats = check_positive_int(repeats, "repeats")
     num_probes = check_positive_int(num_probes, "num_probes")
     x_int = np.asarray(x_int) if not isinstance(x_int, jax.Array) else x_int
@@ -80,4 +159,10 @@ def evaluate_bits_per_dim(
             results.append(batches[0])
         else:
             results.append(jax.tree_util.tree_map(lambda *a: np.concatenate(a), *batches))
-    return BitsPerDimEvaluation(summary=summarize_bits_per_dim(results), results=tuple(results))
+    solver = None
+    if num_check is not None:
+        solver = estimate_solver_bias(model, sde, x_int, key=jax.random.fold_in(key, repeats),
+                               num_images=num_check, num_probes=num_probes, **options)
+    return BitsPerDimEvaluation(summary=summarize_bits_per_dim(results), results=tuple(results),
+                                solver=solver)
+

@@ -17,6 +17,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._dequantization import (
+    AbstractDequantization,
+    UniformDequantization,
+    as_dequantization,
+    importance_weighted,
+)
 from ._divergence import (
     DIVERGENCE_MODES,
     AbstractTraceEstimator,
@@ -27,13 +33,21 @@ from ._divergence import (
     make_trace_estimator,
 )
 from ._dpm import AbstractExponentialIntegrator
+from ._elbo import VariationalBound, as_bound, elbo
 from ._flow import _check_flow_inputs, solve_flow
 from ._options import make_ode_options
 from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import BitsPerDimResult, LikelihoodResult
 from ._sde import VPSDE, AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
-from ._validate import check_model, check_num_bins, check_positive_int, error_if_nonfinite
+from ._validate import (
+    check_eps,
+    check_model,
+    check_num_bins,
+    check_positive_int,
+    check_sde,
+    error_if_nonfinite,
+)
 from .data._dataset import to_model_space
 
 _DIVERGENCE_MODES = DIVERGENCE_MODES
@@ -144,17 +158,21 @@ def log_likelihood(
 
 
 @eqx.filter_jit
-def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
+def _dequantize(x_int, key, num_bins, lo, hi, dequantization, dtype, sde, eps):
+    """Model-space draws y and log q_u(u | x) [B] (see `_dequantization.py`); the cell centres
+    and log q_u = 0 when `dequantization` is None (no dequantization)."""
     x_int = x_int.astype(jnp.int32)  # uint8 data with num_bins=256 must not wrap around
     bad = (x_int < 0) | (x_int >= num_bins)
     x_int = eqx.error_if(
         x_int, jnp.any(bad), f"x_int must hold integers in [0, num_bins={num_bins})"
     )
-    if dequantize:
-        u = jax.random.uniform(key, x_int.shape, dtype)
+    if dequantization is not None:
+        u, log_q = dequantization.sample(
+            key, x_int.shape, dtype, bin_width=(hi - lo) / num_bins, sde=sde, eps=eps
+        )
     else:
-        u = jnp.full(x_int.shape, 0.5, dtype)
-    return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi))
+        u, log_q = jnp.full(x_int.shape, 0.5, dtype), jnp.zeros(x_int.shape[:1], dtype)
+    return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi)), log_q
 
 
 #: bits_per_dim's tolerance, chosen on digits-vp and an mnist-5k U-Net (docs/benchmarks.md,
@@ -184,6 +202,9 @@ def bits_per_dim(
     atol: float = BPD_TOL,
     time: str | AbstractClock | None = None,
     slots: int | str | None = "auto",
+    method: str | VariationalBound = "ode",
+    dequantization: AbstractDequantization | None = None,
+    importance_samples: int = 1,
     **likelihood_options,
 ) -> BitsPerDimResult:
     """Bits per dimension of integer data under uniform dequantization.
@@ -209,6 +230,20 @@ def bits_per_dim(
     error, at less than half the evaluations of Tsit5 at 1e-5 (docs/benchmarks.md). The
     paper's setting is one option away: `solver=diffrax.Dopri5(), rtol=1e-5, atol=1e-5,
     time="t"` (its RK45 is Dormand--Prince 5(4)); `slots=None` solves the batch in lockstep.
+
+    `dequantization`: `pf.UniformDequantization()` (the default, u above) or
+    `pf.TruncatedNormalDequantization()` (i-DODE: noise matched to eps, a tighter bound); then
+    bpd = -(log p(y) - log q(y | x)) / (D log 2) with q the dequantization's density on model
+    space (for uniform, -log q = D log((hi - lo) / num_bins): the formula above).
+    `importance_samples=K` draws K dequantizations per image and combines them by log-mean-exp
+    of p(y_k) / q(y_k | x) (a bound for every K, tighter as K grows; `r.log_weights` [B, K, P]
+    holds every draw, `r.nfe` their total). With Hutchinson probes it is a bound only up to the
+    probe noise inside the log-mean-exp (a downward bias of about its variance / 2 nats as K
+    grows), so each draw's P probes are averaged first and `r.bpd_probes` is [B, 1] for K > 1;
+    use `trace="exact"` or several probes when this number is the one reported.
+    `method="elbo"` (or a `pf.VariationalBound(...)`) replaces log p(y) by minus the variational
+    bound of `pf.elbo` (no ODE solve; the solver options are then unused and `r.z` is None).
+    See docs/likelihood.md.
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
@@ -232,9 +267,19 @@ def bits_per_dim(
         raise ValueError("key is required when dequantize=True (it draws the noise u)")
     if key is None:
         key = jax.random.key(0)
+    sde = check_sde(sde)
+    eps = check_eps(eps, sde)
+    deq = as_dequantization(dequantization)
+    if not dequantize and not isinstance(deq, UniformDequantization):
+        raise ValueError("dequantization must be None or uniform when dequantize=False")
+    bound = as_bound(method)
+    k = int(check_positive_int(importance_samples, "importance_samples") or 1)
     dtype = jnp.result_type(float) if dtype is None else dtype
     k_deq, k_probe = jax.random.split(key)
-    x = _dequantize(x_int, k_deq, num_bins, lo, hi, bool(dequantize), dtype)
+    b = x_int.shape[0]
+    x_draws = x_int if k == 1 else jnp.concatenate([x_int] * k)  # row k * B + b: draw k of b
+    x, log_q = _dequantize(x_draws, k_deq, num_bins, lo, hi, deq if dequantize else None, dtype,
+                           sde, eps)
     if isinstance(slots, str):
         if slots != "auto":
             raise ValueError(f"slots must be a positive integer, None or 'auto', got {slots!r}")
@@ -247,12 +292,32 @@ def bits_per_dim(
         # they stay in t (on digits-subvp sqrt(t) is biased by +2.5e-3 bits/dim, t by +5e-4).
         vp = isinstance(sde, VPSDE) and not isinstance(solver, AbstractExponentialIntegrator)
         time = BPD_TIME if vp else "t"
-    r = log_likelihood(model, sde, x, key=k_probe, eps=eps, solver=solver, rtol=rtol, atol=atol,
-                       time=time, slots=slots, **likelihood_options)
+    if bound is None:
+        r = log_likelihood(model, sde, x, key=k_probe, eps=eps, solver=solver, rtol=rtol,
+                           atol=atol, time=time, slots=slots, **likelihood_options)
+        logp_probes, z, nfe, num_steps, exact = (
+            r.logp_probes, r.z[:b], r.nfe, r.num_steps, r.exact_trace
+        )
+    else:
+        e = elbo(model, sde, x, key=k_probe, eps=eps, num_times=bound.num_times,
+                 num_reconstruction=bound.num_reconstruction, chunk_size=bound.chunk_size)
+        logp_probes, z, nfe, exact = -e.nll[:, None], None, e.nfe, False
+        num_steps = jnp.zeros_like(nfe)
     d = math.prod(x.shape[1:])
-    bpd = -(r.logp + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))
-    bpd_probes = -(r.logp_probes + d * math.log((hi - lo) / num_bins)) / (d * math.log(2.0))
+    log_width = d * math.log((hi - lo) / num_bins)
+    # log p(y) - log q(y | x) on model space, q = q_u / w^D; [B, K, P]
+    log_weights = logp_probes - log_q[:, None] + log_width
+    log_weights = jnp.swapaxes(log_weights.reshape(k, b, -1), 0, 1)
+    if k > 1:
+        # The probes of a draw are averaged inside the log-mean-exp: probe noise there biases the
+        # bound down by about its variance / 2 as K grows, and averaging divides it by P.
+        bpd_probes = -importance_weighted(jnp.mean(log_weights, axis=2, keepdims=True))
+    else:
+        bpd_probes = -log_weights[:, 0]
+    bpd_probes = bpd_probes / (d * math.log(2.0))
     return BitsPerDimResult(
-        bpd=bpd, logp=r.logp, z=r.z, nfe=r.nfe, num_steps=r.num_steps, bpd_probes=bpd_probes,
-        exact_trace=r.exact_trace,
+        bpd=jnp.mean(bpd_probes, axis=1),
+        logp=-jnp.mean(bpd_probes, axis=1) * (d * math.log(2.0)) - log_width,
+        z=z, nfe=nfe.reshape(k, b).sum(0), num_steps=num_steps.reshape(k, b).sum(0),
+        bpd_probes=bpd_probes, exact_trace=exact, log_weights=log_weights,
     )

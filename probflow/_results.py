@@ -58,13 +58,30 @@ class BitsPerDimResult(eqx.Module):
 
     bpd: Float[Array, " B"]
     logp: Float[Array, " B"]
-    z: Array
+    #: The latents (of the first dequantization draw); None for `method="elbo"`.
+    z: Array | None
     nfe: Int[Array, " B"]
     num_steps: Int[Array, " B"]
     #: One value per probe [B, P] (`bpd` is their mean); P = 1 for the exact trace.
     bpd_probes: Float[Array, "B P"]
     #: Whether the divergence was exact (no probe noise at all).
     exact_trace: bool = eqx.field(static=True, default=False)
+    #: [B, K, P] log p(y_k) - log q(y_k | x) in nats per dequantization draw k and probe p (model
+    #: space, cell width included); `bpd_probes` combines the K draws by log-mean-exp.
+    log_weights: Float[Array, "B K P"] | None = None
+
+
+class ELBOResult(eqx.Module):
+    """`nll` [B]: the variational upper bound on -log p(x) in nats (`pf.elbo`), its Monte Carlo
+    standard error `stderr` [B], the score evaluations `nfe` [B], and its three terms [B]
+    (nll = prior + diffusion + reconstruction)."""
+
+    nll: Float[Array, " B"]
+    stderr: Float[Array, " B"]
+    nfe: Int[Array, " B"]
+    prior: Float[Array, " B"]
+    diffusion: Float[Array, " B"]
+    reconstruction: Float[Array, " B"]
 
 
 # --------------------------------------------------------------------------- error bars
