@@ -29,7 +29,7 @@ from ._common import (
     relative_error,
     write_json,
 )
-from ._training import add_process_options, init_processes
+from ._processes import add_process_options, init_processes
 
 TRACES = ("rademacher", "gaussian", "exact")
 
