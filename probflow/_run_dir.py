@@ -222,7 +222,7 @@ class RunDirectory:
             raise RunDirectoryError(f"cannot write {what} {path}: {e.strerror or e}") from None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _WriterLock:
     """`writer.lock` in a run directory: the owner's pid and host, and an exclusive flock on
     the open file while the owner lives (the kernel drops it when the process dies)."""
@@ -261,14 +261,27 @@ class _WriterLock:
                 continue
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-            return cls(path, fd)
+            lock = cls(path, fd)
+            _HELD.add(lock)
+            return lock
         raise RunDirectoryError(f"cannot lock {path}: it keeps being replaced")
 
     def release(self) -> None:
+        _HELD.discard(self)
         with contextlib.suppress(OSError):
             self.path.unlink()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+_HELD: set[_WriterLock] = set()
+
+
+def release_held_locks() -> None:
+    """Give up every lock this process holds (before `os._exit` on a signal: the next writer
+    would take a dead process's lock over anyway, but need not)."""
+    for lock in list(_HELD):
+        lock.release()
 
 
 def _read_owner(path: Path) -> dict:

@@ -181,3 +181,156 @@ def test_cli_resume_with_one_process_after_two(tmp_path):
     _close(jax.tree.leaves(ma), jax.tree.leaves(mb), rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").open()]
     assert steps == [2, 4, 6, 8]
+
+
+# ------------------------------------------------------------------------ failures, bounded
+# Every case below ends on every process with a non-zero exit status and one line on stderr
+# (the supervisor turns JAX's SIGABRT into it), never a native stack or a hang.
+
+
+def _probflow(args, cwd, name):
+    return {"argv": [sys.executable, "-m", "probflow", *args], "cwd": cwd, "name": name}
+
+
+def _run_all(specs, tmp_path, *, after_start=None):
+    """Start every `_probflow` spec at once; {name: (returncode, stdout, stderr)}. stdout and
+    stderr go to files (a full pipe that nobody reads would stall a worker)."""
+    env = dict(_env(), PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    procs = {}
+    try:
+        for s in specs:
+            out = open(tmp_path / f"{s['name']}.out", "w")
+            err = open(tmp_path / f"{s['name']}.err", "w")
+            procs[s["name"]] = (subprocess.Popen(s["argv"], cwd=s["cwd"], env=env, stdout=out,
+                                                 stderr=err), out, err)
+        if after_start is not None:
+            after_start({k: p for k, (p, _, _) in procs.items()})
+        results = {}
+        for name, (p, out, err) in procs.items():
+            p.wait(timeout=BOUND_S)
+            out.close()
+            err.close()
+            results[name] = (p.returncode, (tmp_path / f"{name}.out").read_text(),
+                             (tmp_path / f"{name}.err").read_text())
+        return results
+    finally:
+        for p, out, err in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
+            err.close()
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and "Check failure" not in err, err[-3000:]
+    return lines[0]
+
+
+def _procs(port, n, i, *, init_timeout=60, heartbeat=100):
+    return ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id",
+            str(i), "--init-timeout", str(init_timeout), "--heartbeat-timeout", str(heartbeat)]
+
+
+BPD = ["bpd", "--data", "digits", "--limit", "4", "--batch-size", "2"]
+
+
+def test_processes_that_disagree_refuse_to_start(tmp_path):
+    """Processes given different options (--limit, --checkpoint) or files with different
+    contents under the same name refuse to start, all naming the first difference, and print
+    no number."""
+    specs = []
+    port = _free_port()
+    for i, limit in enumerate(("16", "12")):
+        args = ["bpd", "--data", "digits", "--checkpoint", "digits-vp", "--limit", limit]
+        specs.append(_probflow(args + _procs(port, 2, i), tmp_path, f"limit{i}"))
+    port = _free_port()
+    for i, name in enumerate(("digits-vp", "digits-subvp")):
+        specs.append(_probflow([*BPD, "--checkpoint", name] + _procs(port, 2, i), tmp_path,
+                               f"model{i}"))
+    port = _free_port()
+    for i, name in enumerate(("digits-vp", "digits-subvp")):
+        here = tmp_path / f"host{i}"  # the same relative path, different files
+        here.mkdir()
+        (here / "model.eqx").write_bytes(_shipped(name).read_bytes())
+        specs.append(_probflow([*BPD, "--checkpoint", "model.eqx"] + _procs(port, 2, i), here,
+                               f"file{i}"))
+    runs = _run_all(specs, tmp_path)
+    expect = {
+        "limit": "--limit is 16 in process 0 but 12 in process 1",
+        "model": "--checkpoint is 'digits-vp' in process 0 but 'digits-subvp' in process 1",
+        "file": "sha256 of --checkpoint model.eqx is '",
+    }
+    for name, (rc, out, err) in runs.items():
+        line = _one_line(err)
+        assert rc == 2, (name, err)
+        assert out == "", (name, out)  # no number
+        assert "refusing to start: the processes disagree about the run" in line
+        assert expect[name[:-1]] in line, line
+
+
+def _shipped(name):
+    from probflow._pretrained import pretrained_path
+
+    return pretrained_path(name)
+
+
+def test_missing_peer_and_busy_port_end_within_the_init_timeout(tmp_path):
+    """A process whose peer never comes stops after --init-timeout; process 0 refuses a port
+    that is already in use at once, and its peer stops after --init-timeout."""
+    import socket as socket_
+
+    busy = socket_.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        specs = [
+            _probflow([*BPD, "--checkpoint", "digits-vp"] + _procs(_free_port(), 2, 0,
+                                                                   init_timeout=3),
+                      tmp_path, "alone0"),
+            _probflow([*BPD, "--checkpoint", "digits-vp"] + _procs(_free_port(), 2, 1,
+                                                                   init_timeout=3),
+                      tmp_path, "alone1"),
+            _probflow([*BPD, "--checkpoint", "digits-vp"] + _procs(port, 2, 0, init_timeout=3),
+                      tmp_path, "busy0"),
+            _probflow([*BPD, "--checkpoint", "digits-vp"] + _procs(port, 2, 1, init_timeout=3),
+                      tmp_path, "busy1"),
+        ]
+        runs = _run_all(specs, tmp_path)
+    finally:
+        busy.close()
+    for name in ("alone0", "alone1", "busy1"):
+        rc, out, err = runs[name]
+        line = _one_line(err)
+        assert rc == 1 and out == ""
+        assert "not every process joined the run within --init-timeout 3 s" in line, line
+        assert f"process {name[-1]}:" in line
+    rc, out, err = runs["busy0"]
+    assert rc == 2 and f"port {port} is already in use" in _one_line(err)
+
+
+def test_duplicate_process_ids(tmp_path):
+    """Two processes given the same --process-id: every process stops with one line, and the
+    duplicate is named."""
+    port0, port1 = _free_port(), _free_port()
+    args = [*BPD, "--checkpoint", "digits-vp"]
+    specs = [_probflow(args + _procs(port0, 2, 0, init_timeout=5), tmp_path, "zero-a"),
+             _probflow(args + _procs(port0, 2, 0, init_timeout=5), tmp_path, "zero-b"),
+             _probflow(args + _procs(port1, 2, 0, init_timeout=5), tmp_path, "one-0"),
+             _probflow(args + _procs(port1, 2, 1, init_timeout=5), tmp_path, "one-a"),
+             _probflow(args + _procs(port1, 2, 1, init_timeout=5), tmp_path, "one-b")]
+    runs = _run_all(specs, tmp_path)
+    lines = {}
+    for name, (rc, out, err) in runs.items():
+        lines[name] = _one_line(err)
+        assert rc != 0 and out == "", (name, err)
+    # Two processes 0: the second finds the port taken (or JAX reports the second
+    # registration); the first waits for its missing peer.
+    zero = lines["zero-a"] + lines["zero-b"]
+    assert "already in use" in zero or "same --process-id" in zero, zero
+    one = " ".join(lines[k] for k in ("one-0", "one-a", "one-b"))
+    assert "two processes were given --process-id 1" in one or "same --process-id" in one, one

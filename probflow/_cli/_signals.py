@@ -31,6 +31,9 @@ _SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 
 def exit_now(message: str, code: int) -> None:
     """Print `message` as one line on stderr and end the process with `code` at once (no
     interpreter teardown, no atexit handlers)."""
+    from .._run_dir import release_held_locks
+
+    release_held_locks()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
