@@ -204,7 +204,7 @@ def _run_all(specs, tmp_path, *, after_start=None):
             out = open(tmp_path / f"{s['name']}.out", "w")
             err = open(tmp_path / f"{s['name']}.err", "w")
             procs[s["name"]] = (subprocess.Popen(s["argv"], cwd=s["cwd"], env=env, stdout=out,
-                                                 stderr=err), out, err)
+                                                 stderr=err, start_new_session=True), out, err)
         if after_start is not None:
             after_start({k: p for k, (p, _, _) in procs.items()})
         results = {}
@@ -334,3 +334,43 @@ def test_duplicate_process_ids(tmp_path):
     assert "already in use" in zero or "same --process-id" in zero, zero
     one = " ".join(lines[k] for k in ("one-0", "one-a", "one-b"))
     assert "two processes were given --process-id 1" in one or "same --process-id" in one, one
+
+
+@pytest.mark.slow
+def test_peer_killed_mid_run(tmp_path):
+    """A process killed mid-run (SIGKILL to it and its supervisor, as a host that dies): a
+    lost process 1 makes process 0 stop within its heartbeat timeout, a lost process 0 (the
+    coordinator) makes process 1 stop at once; each with one line and exit status 1."""
+    import signal
+    import time
+
+    train = [a for a in TRAIN[2:] if a != "--no-progress"] + ["--no-progress"]
+    specs = []
+    for victim in (0, 1):
+        port = _free_port()
+        for i in range(2):
+            specs.append(_probflow([*train, "--steps", "1000000", "--checkpoint-every", "50",
+                                    "--out", str(tmp_path / f"run{victim}")]
+                                   + _procs(port, 2, i, heartbeat=5), tmp_path, f"v{victim}p{i}"))
+
+    def kill_when_running(procs):
+        for victim in (0, 1):
+            log = tmp_path / f"run{victim}" / "log.jsonl"
+            deadline = time.monotonic() + BOUND_S
+            while not log.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os.killpg(procs[f"v{victim}p{victim}"].pid, signal.SIGKILL)
+
+    runs = _run_all(specs, tmp_path, after_start=kill_when_running)
+    rc, out, err = runs["v1p0"]
+    line = _one_line(err)
+    # JAX's heartbeat or lost coordinator, or gloo's broken connection in the gradient
+    # all-reduce, whichever notices first.
+    for survivor, lost in (("v1p0", "process 1 stopped responding (no heartbeat for 5 s"),
+                           ("v0p1", "lost the connection to process 0")):
+        rc, out, err = runs[survivor]
+        line = _one_line(err)
+        assert rc == 1, line
+        assert line.startswith(f"probflow train: error: process {survivor[-1]}: "), line
+        assert lost in line or "an operation across the processes failed" in line, line
+    assert runs["v0p0"][0] == runs["v1p1"][0] == -signal.SIGKILL

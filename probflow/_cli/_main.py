@@ -130,6 +130,9 @@ def _run(args) -> int:
         return 130
     except jax.errors.JaxRuntimeError as e:  # e.g. a collective of a multi-process run failed
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if jax.process_count() > 1:
+            first = (f"process {jax.process_index()}: an operation across the processes failed "
+                     f"(another process stopped: see its output): {first}")
         print(f"probflow {args.command}: error: {first}", file=sys.stderr)
         return 1
 
