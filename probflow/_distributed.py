@@ -119,7 +119,7 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     heartbeat_timeout_seconds: int = 100,
-    initialization_timeout: int = 120,
+    initialization_timeout: int = 100,
 ) -> None:
     """Join a multi-process run with JAX's own runtime (`jax.distributed.initialize`).
 

@@ -374,3 +374,51 @@ def test_peer_killed_mid_run(tmp_path):
         assert line.startswith(f"probflow train: error: process {survivor[-1]}: "), line
         assert lost in line or "an operation across the processes failed" in line, line
     assert runs["v0p0"][0] == runs["v1p1"][0] == -signal.SIGKILL
+
+
+_TERMINATING = ("F1206 00:14:50.154674    9624 client.h:80] Terminating process because the JAX "
+                "distributed service detected fatal errors. This most likely indicates that "
+                "another task died; see the other task logs for more details. Disable Python "
+                "buffering, i.e. `python -u`, to be sure to see all the previous output. "
+                "absl::Status: ")
+# The fatal lines of JAX 0.10.1's coordination service in real runs on 127.0.0.1 (the
+# supervisor reads them from the child's native log).
+_FATAL_LOGS = {
+    "heartbeat": (_TERMINATING + "UNAVAILABLE: The following tasks are unhealthy (stopped "
+                  "sending heartbeats):\n1\nThe tasks have crashed. Check the task logs for an "
+                  "earlier error, or scheduler events (e.g. preemption, eviction) to debug "
+                  "further.\n\nRPC: /xla.coordination.CoordinationService/PollForError\n"
+                  "*** Check failure stack trace: ***\n",
+                  "process 1 stopped responding (no heartbeat for 7 s"),
+    "same id": ("E1206 00:14:17.729737    8815 coordination_service.cc:517] [1709] 1 "
+                "unexpectedly tried to connect with a different incarnation. It has likely "
+                "restarted.\n" + _TERMINATING + "ABORTED: 1 unexpectedly tried to connect with a "
+                "different incarnation. It has likely restarted.\n",
+                "two processes were given --process-id 1"),
+    "same id, newer": (_TERMINATING + "ALREADY_EXISTS: Aborted connect attempt as there is a "
+                       "request from a newer incarnation.\n\nRPC: /xla.coordination."
+                       "CoordinationService/RegisterTask\n",
+                       "another process registered with the same --process-id"),
+    "missing": (_TERMINATING + "DEADLINE_EXCEEDED: Deadline Exceeded\n\nRPC: /xla.coordination."
+                "CoordinationService/RegisterTask\n*** Check failure stack trace: ***\n",
+                "not every process joined the run within --init-timeout 9 s"),
+    "coordinator": (_TERMINATING + "UNAVAILABLE: Failed to send RPC to coordination service. "
+                    "Either the leader task was preempted/died/restarted unexpectedly or this "
+                    "task is experiencing network issues.\n:UNKNOWN:Error received from peer  "
+                    "{grpc_message:\"recvmsg:Connection reset by peer\", grpc_status:14}\n",
+                    "lost the connection to process 0"),
+    "other": (_TERMINATING + "INTERNAL: Shutdown barrier has failed.\n",
+              "JAX's distributed runtime stopped the process: INTERNAL: Shutdown barrier has "
+              "failed."),
+    "no log": ("", "the process was ended by SIGSEGV"),
+}
+
+
+@pytest.mark.parametrize("case", list(_FATAL_LOGS))
+def test_supervisor_describes_each_fatal_end_in_one_line(case):
+    from probflow._cli._supervise import describe_fatal
+
+    log, expected = _FATAL_LOGS[case]
+    signum = 11 if case == "no log" else 6
+    line = describe_fatal(log, signum, init_timeout=9, heartbeat_timeout=7)
+    assert expected in line and "\n" not in line, line

@@ -19,7 +19,7 @@ _PER_PROCESS = frozenset({"process_id", "coordinator", "distributed", "no_progre
                           "no_compile_cache", "heartbeat_timeout", "init_timeout"})
 
 #: The start-up timeout's default (seconds): the others wait this long for a missing process.
-INIT_TIMEOUT = 120
+INIT_TIMEOUT = 100
 
 
 def add_process_options(p) -> None:
