@@ -422,3 +422,52 @@ def test_supervisor_describes_each_fatal_end_in_one_line(case):
     signum = 11 if case == "no log" else 6
     line = describe_fatal(log, signum, init_timeout=9, heartbeat_timeout=7)
     assert expected in line and "\n" not in line, line
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
+    """SIGTERM to both processes of a training run (a preempted job): they agree on the step,
+    process 0 writes its checkpoint, both exit 143 with one line; resumed on one process, the
+    run equals an uninterrupted one."""
+    import signal
+    import time
+
+    import jax
+
+    import probflow as pf
+
+    train = [*TRAIN[2:], "--steps-per-call", "10"]
+    port = _free_port()
+    run = tmp_path / "run"
+    specs = [_probflow([*train, "--steps", "100000", "--checkpoint-every", "100000", "--out",
+                        str(run)] + _procs(port, 2, i, heartbeat=10), tmp_path, f"p{i}")
+             for i in range(2)]
+
+    def terminate_when_running(procs):
+        deadline = time.monotonic() + BOUND_S
+        while not (run / "log.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for p in procs.values():
+            os.killpg(p.pid, signal.SIGTERM)
+
+    runs = _run_all(specs, tmp_path, after_start=terminate_when_running)
+    stopped = set()
+    for rc, _, err in runs.values():
+        line = _one_line(err)
+        assert rc == 143, line
+        assert line.startswith("probflow train: terminated: stopped at step "), line
+        stopped.add(int(line.split("stopped at step ")[1].split()[0]))
+    step, = stopped  # the same on both
+    assert 0 < step < 100000
+    _, _, header = pf.load_checkpoint(run / "checkpoint.eqx")
+    assert header["step"] == step
+    end = step + 20
+    again = _run_all([_probflow([*train, "--steps", str(end), "--checkpoint-every", "100000",
+                                 "--out", str(run), "--resume"], tmp_path, "resume"),
+                      _probflow([*train, "--steps", str(end), "--checkpoint-every", "100000",
+                                 "--out", str(tmp_path / "ref")], tmp_path, "ref")], tmp_path)
+    for rc, _, err in again.values():
+        assert rc == 0, err[-3000:]
+    ma, _, _ = pf.load_checkpoint(run / "checkpoint.eqx")
+    mb, _, _ = pf.load_checkpoint(tmp_path / "ref" / "checkpoint.eqx")
+    _close(jax.tree.leaves(ma), jax.tree.leaves(mb), rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from . import _signals
 from ._common import CLIError, positive_int
 
 #: Options that may differ between the processes of one run (they do not change the work).
@@ -63,6 +64,7 @@ def init_processes(args) -> None:
         raise CLIError(f"--coordinator/--num-processes/--process-id: {e}") from None
     except RuntimeError as e:
         raise CLIError(str(e)) from None
+    _signals.reinstall()  # JAX's runtime has just installed its own SIGTERM handler
     try:
         check_processes_agree(run_settings(args), timeout_seconds=args.init_timeout)
     except (ValueError, RuntimeError) as e:

@@ -12,7 +12,8 @@ SIGTERM (what a batch scheduler sends before it preempts a job) ends a command t
 `terminated` and 143, unless the command asked to stop at a safe point instead
 (`stop_at_safe_point`, as `probflow train` does): then the watcher requests a stop
 (`probflow._stop`), and the training loop writes a checkpoint and leaves after its current chunk
-of steps. A second SIGTERM, or a SIGINT, still ends it at once.
+of steps. A repeated SIGTERM changes nothing (a scheduler signals every process of a job, so a
+supervised worker gets it both directly and from its supervisor); a SIGINT still ends it at once.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class _Watcher:
     def _handle(self, number: int) -> None:
         if number not in _SIGNALS:
             return
-        if number == signal.SIGTERM and self.stop_at_safe_point and not _stop.stop_requested():
-            _stop.request_stop()
+        if number == signal.SIGTERM and self.stop_at_safe_point:
+            _stop.request_stop()  # again on a repeated SIGTERM: it may come twice (see above)
             return
         word, code = _SIGNALS[signal.Signals(number)]
         exit_now(f"probflow {self.command}: {word}", code)
@@ -117,6 +118,15 @@ def uninstall() -> None:
         _current.close()
         _current = None
     _stop.clear_stop()
+
+
+def reinstall() -> None:
+    """Take the signals back after something replaced their handlers: JAX's distributed
+    runtime installs its own SIGTERM handler (its preemption notifier) in
+    `jax.distributed.initialize`, which would swallow the signal."""
+    if _current is not None and threading.current_thread() is threading.main_thread():
+        for s in _SIGNALS:
+            signal.signal(s, _ignore)
 
 
 def stop_at_safe_point() -> None:
