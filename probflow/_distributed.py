@@ -216,9 +216,7 @@ def check_processes_agree(settings: dict, *, timeout_seconds: int = 120) -> None
     n = jax.process_count()
     if n == 1:
         return
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = _client()
     me = jax.process_index()
     ms = int(timeout_seconds * 1000)
     client.key_value_set(f"probflow/settings/{me}", json.dumps(settings, sort_keys=True,
@@ -309,10 +307,17 @@ def wait_for_all(name: str) -> None:
     """
     if jax.process_count() == 1:
         return
+    _client().wait_at_barrier(f"probflow/{name}/{next(_barriers)}", _WAIT_MS)
+
+
+def _client():
+    """JAX's coordination-service client of this multi-process run."""
     from jax._src import distributed as jax_distributed
 
-    jax_distributed.global_state.client.wait_at_barrier(
-        f"probflow/{name}/{next(_barriers)}", _WAIT_MS)
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("not in a multi-process run: call initialize_distributed first")
+    return client
 
 
 def _slices(num_items: int) -> list[tuple[int, int]]:

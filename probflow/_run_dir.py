@@ -114,7 +114,8 @@ class RunDirectory:
                 raise FileNotFoundError(f"cannot resume {run.path}: cannot read {config_path} "
                                         f"({e})") from None
             mine = json.loads(json.dumps(description))
-            saved.get("config", {}).pop("steps", None), mine["config"].pop("steps")
+            saved.get("config", {}).pop("steps", None)
+            mine["config"].pop("steps")
             if saved != mine:
                 diff = [k for k in mine if mine[k] != saved.get(k)]
                 raise ValueError(

@@ -79,8 +79,12 @@ def train(
     empty) holding `config.json`, `log.jsonl` and `checkpoint.eqx`, the latter rewritten
     atomically every `config.checkpoint_every` steps and at the end; `resume=True` continues
     the run in `out` from its checkpoint up to `config.steps` in total, giving the same result as
-    an uninterrupted run. `evaluate(step, ema_model) -> dict` is called at each checkpoint and
-    its result logged. Raises `TrainingDivergedError` if the loss becomes NaN.
+    an uninterrupted run (from step 0 if the run was stopped before its first checkpoint).
+    `evaluate(step, ema_model) -> dict` is called at each checkpoint and its result logged.
+    Raises `TrainingDivergedError` if the loss becomes NaN, `RunDirectoryError` (a
+    RuntimeError) if another live process writes `out` (its `writer.lock`) or a write fails
+    (the previous checkpoint is kept), and `TrainingStopped` after writing a checkpoint when a
+    stop was requested (`probflow._stop`: SIGTERM to `probflow train`).
 
     `devices`: None trains on JAX's default device; an int N (or a list of devices) trains
     data-parallel on N devices (`probflow._distributed`): parameters replicated, each global
