@@ -245,14 +245,15 @@ class _WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise RunDirectoryError(f"cannot lock {path}: {e.strerror or e}") from None
-                owner = _read_owner(path)
-                raise RunDirectoryError(
-                    f"the run {directory} is being written by process {owner.get('pid', '?')} "
-                    f"on {owner.get('host', '?')} (lock {path}); wait for it to end or stop it"
-                ) from None
+                busy = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+                if busy or _owner_alive(_read_owner(path)):  # no flock here: the pid decides
+                    os.close(fd)
+                    owner = _read_owner(path)
+                    raise RunDirectoryError(
+                        f"the run {directory} is being written by process "
+                        f"{owner.get('pid', '?')} on {owner.get('host', '?')} (lock {path}); "
+                        "wait for it to end or stop it"
+                    ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -283,6 +284,23 @@ def release_held_locks() -> None:
     would take a dead process's lock over anyway, but need not)."""
     for lock in list(_HELD):
         lock.release()
+
+
+def _owner_alive(owner: dict) -> bool:
+    """Whether the lock's owner runs (on a file system without flock): a process of another
+    host cannot be checked and counts as alive (delete the lock by hand if it is gone)."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_owner(path: Path) -> dict:

@@ -169,3 +169,25 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsy
     _, _, header = pf.load_checkpoint(run / "checkpoint.eqx")
     assert header["step"] == 10
     assert not list(run.glob(".*.tmp")) and not (run / LOCK_NAME).exists()
+
+
+def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
+    """On a file system without flock (ENOLCK), a lock naming a live process of this host is
+    respected and one naming a dead process is taken over."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run = tmp_path / "run"
+    description = describe_run(tiny_model(), SDE, config(), None)
+    RunDirectory.create(run, description).close()
+    host = os.uname().nodename
+    (run / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    with pytest.raises(RunDirectoryError, match=f"being written by process {os.getppid()}"):
+        RunDirectory.resume(run, description)
+    (run / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": host}))
+    r = RunDirectory.resume(run, description)
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    r.close()

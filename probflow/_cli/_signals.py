@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 
-from .. import _stop
+from .. import _run_dir, _stop
 
 _SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 
@@ -32,9 +32,7 @@ _SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 
 def exit_now(message: str, code: int) -> None:
     """Print `message` as one line on stderr and end the process with `code` at once (no
     interpreter teardown, no atexit handlers)."""
-    from .._run_dir import release_held_locks
-
-    release_held_locks()
+    _run_dir.release_held_locks()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
