@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     installed = _signals.install(args.command)
     try:
         code = _run(args)
+    except SystemExit as e:
+        if not worker:
+            raise
+        code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         if not worker:
             raise
@@ -130,7 +134,11 @@ def _run(args) -> int:
         return 130
     except jax.errors.JaxRuntimeError as e:  # e.g. a collective of a multi-process run failed
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if jax.process_count() > 1:
+        try:
+            several = jax.process_count() > 1
+        except Exception:  # noqa: BLE001 - the runtime itself may be what failed
+            several = False
+        if several:
             first = (f"process {jax.process_index()}: an operation across the processes failed "
                      f"(another process stopped: see its output): {first}")
         print(f"probflow {args.command}: error: {first}", file=sys.stderr)
