@@ -152,9 +152,14 @@ def _sigterm_then_resume(tmp_path: Path, name: str, steps: int, delay: float | N
     return stopped
 
 
-def _reference(tmp_path: Path, steps: int):
-    rc, _, err = _Command([*TRAIN, "--steps", str(steps), "--checkpoint-every", "100000",
-                           "--out", str(tmp_path / "ref")], tmp_path, "ref").finish()
+def _start_reference(tmp_path: Path, steps: int) -> _Command:
+    return _Command([*TRAIN, "--steps", str(steps), "--checkpoint-every", "100000", "--out",
+                     str(tmp_path / "ref")], tmp_path, "ref")
+
+
+def _reference(tmp_path: Path, steps: int, started: _Command | None = None):
+    """The uninterrupted run's (step, parameters)."""
+    rc, _, err = (started or _start_reference(tmp_path, steps)).finish()
     assert rc == 0, err[-3000:]
     return _checkpoint(tmp_path / "ref")
 
@@ -170,9 +175,10 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(tmp
     """SIGTERM while training: a checkpoint of the step reached, `terminated`, 143; resumed
     to the end, the parameters equal those of an uninterrupted run."""
     steps = 8000
+    reference = _start_reference(tmp_path, steps)  # runs meanwhile
     stopped = _sigterm_then_resume(tmp_path, "run", steps, delay=None)
     assert 0 < stopped < steps, "the signal came after the end: make the run longer"
-    _same_parameters(tmp_path / "run", _reference(tmp_path, steps))
+    _same_parameters(tmp_path / "run", _reference(tmp_path, steps, reference))
 
 
 @pytest.mark.slow
