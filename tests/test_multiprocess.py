@@ -471,3 +471,20 @@ def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
     ma, _, _ = pf.load_checkpoint(run / "checkpoint.eqx")
     mb, _, _ = pf.load_checkpoint(tmp_path / "ref" / "checkpoint.eqx")
     _close(jax.tree.leaves(ma), jax.tree.leaves(mb), rtol=1e-5, atol=1e-6)
+
+
+def test_supervisor_names_the_peer_of_a_failed_barrier():
+    """The message of the JaxRuntimeError that a barrier raises when a peer misses its
+    heartbeats (recorded from `probflow bpd` on 2 processes, process 1 killed)."""
+    from probflow._cli._supervise import describe_lost_peer
+
+    message = ("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 "
+               "heartbeat timeout. This indicates that the remote task has failed, got "
+               "preempted, or crashed unexpectedly. Check the task logs for an earlier error or "
+               "scheduler events (e.g. preemption, eviction) to debug further. "
+               "[type.googleapis.com/tensorflow.CoordinationServiceError='']. Barrier Id: "
+               "probflow/gather/0::0, Task: 1")
+    assert describe_lost_peer(message, heartbeat_timeout=100) == (
+        "process 1 stopped responding (no heartbeat for 100 s: it died or hung), so the run "
+        "was stopped")
+    assert describe_lost_peer("UNKNOWN: Gloo all-reduce failed: Connection closed by peer") is None

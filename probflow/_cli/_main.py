@@ -139,8 +139,11 @@ def _run(args) -> int:
         except Exception:  # noqa: BLE001 - the runtime itself may be what failed
             several = False
         if several:
-            first = (f"process {jax.process_index()}: an operation across the processes failed "
-                     f"(another process stopped: see its output): {first}")
+            lost = _supervise.describe_lost_peer(
+                str(e), heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+            first = f"process {jax.process_index()}: " + (
+                lost or "an operation across the processes failed (another process stopped: "
+                        f"see its output): {first}")
         print(f"probflow {args.command}: error: {first}", file=sys.stderr)
         return 1
 

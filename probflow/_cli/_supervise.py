@@ -116,12 +116,9 @@ def supervise(argv: list[str], args) -> int:
 
 def describe_fatal(log: str, signum: int, *, init_timeout=None, heartbeat_timeout=None) -> str:
     """One line saying why JAX's runtime (or the OS) ended a process, from its native log."""
-    if "stopped sending heartbeats" in log:
-        m = re.search(r"stopped sending heartbeats\):\s*\n\s*([\d, ]+)", log)
-        who = f"process {m.group(1).strip()}" if m else "a process"
-        bound = f" for {heartbeat_timeout} s" if heartbeat_timeout else ""
-        return (f"{who} stopped responding (no heartbeat{bound}: it died or hung), so the run "
-                "was stopped")
+    lost = describe_lost_peer(log, heartbeat_timeout=heartbeat_timeout)
+    if lost is not None:
+        return lost
     m = re.search(r"ABORTED: (\d+) unexpectedly tried to connect with a different incarnation",
                   log)
     if m:
@@ -146,3 +143,16 @@ def describe_fatal(log: str, signum: int, *, init_timeout=None, heartbeat_timeou
     except ValueError:
         name = f"signal {signum}"
     return f"the process was ended by {name}"
+
+
+def describe_lost_peer(text: str, *, heartbeat_timeout=None) -> str | None:
+    """'process K stopped responding ...' if `text` (a native log or a `JaxRuntimeError`'s
+    message) reports a peer's missed heartbeats, else None."""
+    m = re.search(r"stopped sending heartbeats\):\s*\n\s*([\d, ]+)", text) or re.search(
+        r"Task (\d+) heartbeat timeout", text)
+    if m is None and "stopped sending heartbeats" not in text:
+        return None
+    who = f"process {m.group(1).strip()}" if m else "a process"
+    bound = f" for {heartbeat_timeout} s" if heartbeat_timeout else ""
+    return (f"{who} stopped responding (no heartbeat{bound}: it died or hung), so the run "
+            "was stopped")
