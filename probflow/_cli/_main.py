@@ -121,8 +121,9 @@ def _run(args) -> int:
     try:
         return int(args._run(args) or 0)
     except (CLIError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"probflow {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        lost = _peer_failure(e, args)  # a collective's error can arrive as a ValueError
+        print(f"probflow {args.command}: error: {lost or e}", file=sys.stderr)
+        return 2 if lost is None else 1
     except (TrainingDivergedError, RunDirectoryError) as e:
         print(f"probflow {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -134,18 +135,30 @@ def _run(args) -> int:
         return 130
     except jax.errors.JaxRuntimeError as e:  # e.g. a collective of a multi-process run failed
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        try:
-            several = jax.process_count() > 1
-        except Exception:  # noqa: BLE001 - the runtime itself may be what failed
-            several = False
-        if several:
-            lost = _supervise.describe_lost_peer(
-                str(e), heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
-            first = f"process {jax.process_index()}: " + (
-                lost or "an operation across the processes failed (another process stopped: "
-                        f"see its output): {first}")
-        print(f"probflow {args.command}: error: {first}", file=sys.stderr)
+        print(f"probflow {args.command}: error: {_peer_failure(e, args) or first}",
+              file=sys.stderr)
         return 1
+
+
+def _peer_failure(e: Exception, args) -> str | None:
+    """One line for an error of an operation across the processes of a multi-process run (a
+    peer stopped), else None."""
+    import jax
+
+    text = str(e)
+    try:
+        several = jax.process_count() > 1
+    except Exception:  # noqa: BLE001 - the runtime itself may be what failed
+        several = False
+    if not several or not (isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in text
+                           or "heartbeat" in text or "CoordinationService" in text):
+        return None
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    lost = _supervise.describe_lost_peer(
+        text, heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+    return f"process {jax.process_index()}: " + (
+        lost or f"an operation across the processes failed (another process stopped: see its "
+                f"output): {first}")
 
 
 def _leave_run(code: int) -> int:
