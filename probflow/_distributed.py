@@ -14,6 +14,10 @@ writes the run directory; the others compute (see docs/scaling.md).
 
 from __future__ import annotations
 
+import errno
+import itertools
+import json
+import socket
 from collections.abc import Sequence
 
 import jax
@@ -115,15 +119,26 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     heartbeat_timeout_seconds: int = 100,
-    initialization_timeout: int = 300,
+    initialization_timeout: int = 100,
 ) -> None:
     """Join a multi-process run with JAX's own runtime (`jax.distributed.initialize`).
 
-    `coordinator` "HOST:PORT" (process 0 serves there), `num_processes` and `process_id` are
-    given together, or all None: then JAX detects them from the cluster's environment (SLURM,
-    Open MPI, Kubernetes, Cloud TPU). On CPU the collectives go over gloo. A process that stops
-    sending heartbeats for `heartbeat_timeout_seconds` makes the others fail instead of hang.
-    Call it before anything else touches JAX's devices.
+    **Arguments:**
+
+    - `coordinator`: "HOST:PORT" where process 0 serves the run's coordination service.
+    - `num_processes`: the number of processes in the run.
+    - `process_id`: this process's index in [0, num_processes).
+    - `heartbeat_timeout_seconds`: a process silent for this long (dead or hung) makes the
+      others stop instead of waiting forever in a collective.
+    - `initialization_timeout`: every process must have joined within this many seconds.
+
+    `coordinator`, `num_processes` and `process_id` are given together, or all None: then JAX
+    detects them from the cluster's environment (SLURM, Open MPI, Kubernetes, Cloud TPU). On CPU
+    the collectives go over gloo. Process 0 first checks that the coordinator's port is free
+    (ValueError naming `coordinator` if not). Call it before anything else touches JAX's
+    devices. JAX's runtime ends the process with SIGABRT when a peer is missing or dies; the
+    `probflow` command line supervises its processes to turn that into one line
+    (docs/scaling.md).
     """
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
@@ -132,9 +147,14 @@ def initialize_distributed(
             f"detect them from the cluster's environment), got coordinator={coordinator!r}, "
             f"num_processes={num_processes!r}, process_id={process_id!r}"
         )
+    for name, value in (("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+                        ("initialization_timeout", initialization_timeout)):
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1 (seconds), got {value!r}")
     if coordinator is not None:
         host, sep, port = coordinator.rpartition(":")
-        if not sep or not host or not port.isdigit():
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
         if not (isinstance(num_processes, int) and num_processes >= 1):
             raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
@@ -143,15 +163,83 @@ def initialize_distributed(
                 f"process_id must be an int in [0, num_processes={num_processes}), "
                 f"got {process_id!r}"
             )
+        if process_id == 0:
+            _check_port_free(coordinator, int(port))
     # CPU collectives across processes (jax 0.10 defaults to gloo; set it explicitly).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
-        initialization_timeout=initialization_timeout,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
+            initialization_timeout=int(initialization_timeout),
+        )
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"cannot join the run at coordinator {coordinator!r}: {first}") from None
+
+
+def _check_port_free(coordinator: str, port: int) -> None:
+    """Process 0 serves on [::]:port; refuse at once if something already listens there (JAX's
+    own error comes only after the others' start-up timeout). gRPC binds with SO_REUSEPORT,
+    so a plain bind is what detects a second coordinator on the same port."""
+    for family, address in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("", port))):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ValueError(
+                        f"coordinator {coordinator!r}: port {port} is already in use on this "
+                        "host (another run's coordinator, or a second process given process "
+                        "id 0?); choose a free port"
+                    ) from None
+                continue
+            return
+
+
+def check_processes_agree(settings: dict, *, timeout_seconds: int = 120) -> None:
+    """Every process of a multi-process run was given the same `settings` (a JSON-able dict of
+    what determines the work: options, file digests); raises ValueError naming the first
+    difference (in sorted key order, against process 0) on every process if not.
+
+    The settings go through the coordination service's key-value store; a barrier after every
+    process has read them all means that each one reaches the same verdict and none leaves
+    while another still reads. Nothing to do in a single-process run.
+    """
+    n = jax.process_count()
+    if n == 1:
+        return
+    client = _client()
+    me = jax.process_index()
+    ms = int(timeout_seconds * 1000)
+    client.key_value_set(f"probflow/settings/{me}", json.dumps(settings, sort_keys=True,
+                                                               default=repr))
+    everyone = []
+    for i in range(n):
+        try:
+            everyone.append(json.loads(client.blocking_key_value_get(f"probflow/settings/{i}",
+                                                                     ms)))
+        except jax.errors.JaxRuntimeError:
+            raise RuntimeError(
+                f"process {i} did not report its settings within {timeout_seconds} s"
+            ) from None
+    client.wait_at_barrier("probflow/settings-read", ms)
+    first = everyone[0]
+    for i, other in enumerate(everyone[1:], start=1):
+        for name in sorted(set(first) | set(other)):
+            if first.get(name) != other.get(name):
+                raise ValueError(
+                    f"the processes disagree about the run: {name} is {first.get(name)!r} in "
+                    f"process 0 but {other.get(name)!r} in process {i}; give every process "
+                    "the same options and files"
+                )
 
 
 def process_slice(num_items: int) -> tuple[int, int]:
@@ -206,6 +294,34 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     return BitsPerDimResult(**fields_out, exact_trace=exact)
 
 
+#: How long `wait_for_all` waits (a dead peer ends the wait sooner, through its heartbeat).
+_WAIT_MS = 24 * 3600 * 1000
+_barriers = itertools.count()
+
+
+def wait_for_all(name: str) -> None:
+    """Wait until every process of a multi-process run reaches this point.
+
+    A collective's gloo set-up gives up after 30 s, so a process that reaches a collective long
+    before the others (less work, or process 0 writing a checkpoint) would fail; a barrier of
+    the coordination service waits as long as the work takes, and a peer that dies ends it
+    through the heartbeat. Nothing to do in a single-process run.
+    """
+    if jax.process_count() == 1:
+        return
+    _client().wait_at_barrier(f"probflow/{name}/{next(_barriers)}", _WAIT_MS)
+
+
+def _client():
+    """JAX's coordination-service client of this multi-process run."""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("not in a multi-process run: call initialize_distributed first")
+    return client
+
+
 def _slices(num_items: int) -> list[tuple[int, int]]:
     p = jax.process_count()
     size, extra = divmod(num_items, p)
@@ -217,6 +333,8 @@ def _gather_counts(tree, counts: list[int]):
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     from jax.experimental import multihost_utils
+
+    wait_for_all("gather")  # the shares may take very different times (see wait_for_all)
 
     size = max(max(counts), 1)
 

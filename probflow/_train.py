@@ -31,6 +31,11 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early on request (`probflow._stop`: SIGTERM to `probflow train`), after
+    writing a checkpoint of the step it reached."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     """`model`: the EMA of the weights (use it); `raw_model`: the last iterate."""
@@ -74,8 +79,12 @@ def train(
     empty) holding `config.json`, `log.jsonl` and `checkpoint.eqx`, the latter rewritten
     atomically every `config.checkpoint_every` steps and at the end; `resume=True` continues
     the run in `out` from its checkpoint up to `config.steps` in total, giving the same result as
-    an uninterrupted run. `evaluate(step, ema_model) -> dict` is called at each checkpoint and
-    its result logged. Raises `TrainingDivergedError` if the loss becomes NaN.
+    an uninterrupted run (from step 0 if the run was stopped before its first checkpoint).
+    `evaluate(step, ema_model) -> dict` is called at each checkpoint and its result logged.
+    Raises `TrainingDivergedError` if the loss becomes NaN, `RunDirectoryError` (a
+    RuntimeError) if another live process writes `out` (its `writer.lock`) or a write fails
+    (the previous checkpoint is kept), and `TrainingStopped` after writing a checkpoint when a
+    stop was requested (`probflow._stop`: SIGTERM to `probflow train`).
 
     `devices`: None trains on JAX's default device; an int N (or a list of devices) trains
     data-parallel on N devices (`probflow._distributed`): parameters replicated, each global
@@ -101,7 +110,17 @@ def train(
         description = describe_run(model, sde, config, data_name)
         open_run = RunDirectory.resume if resume else RunDirectory.create
         run_dir = open_run(out, description, writer=writer)
+    try:
+        return _train_loop(model, sde, examples, config, run_dir, resume=resume,
+                           progress=progress and writer, evaluate=evaluate, data_name=data_name,
+                           mesh=mesh)
+    finally:
+        if run_dir is not None:
+            run_dir.close()
 
+
+def _train_loop(model, sde, examples, config, run_dir, *, resume, progress, evaluate, data_name,
+                mesh) -> TrainResult:
     optimizer = make_optimizer(config)
     state, static = TrainState.init(model, optimizer)
     step = 0
@@ -125,11 +144,18 @@ def train(
             run_dir.save(at_step, state, static, sde, config, num_bins=examples.num_bins,
                          data_range=examples.data_range, data_name=data_name)
 
-    log = TrainProgress(config.steps, step, show=progress and writer)
+    log = TrainProgress(config.steps, step, show=progress)
     losses = []
-    last_good = step if resume else None
+    last_good = step if resume and run_dir.has_checkpoint else None
     try:
         while step < config.steps:
+            if _stop_requested():
+                if last_good != step:
+                    save(step)
+                where = (f"the checkpoint {run_dir.checkpoint_path} holds it (resume with "
+                         "--resume)" if run_dir is not None else "no run directory was given")
+                raise TrainingStopped(f"stopped at step {step} of {config.steps} on request; "
+                                      f"{where}")
             nxt = config.next_stop(step)
             new_state, chunk_losses = chunk(state, jnp.arange(step, nxt))
             chunk_losses = np.asarray(chunk_losses)
@@ -176,6 +202,22 @@ def _check_finite_data(examples) -> None:
             f"data holds NaN or inf values in {len(bad)} of {len(examples)} examples (first: "
             f"example {bad[0]}); remove or fix them before training"
         )
+
+
+def _stop_requested() -> bool:
+    """A stop was requested (`probflow._stop`), in any process of a multi-process run: they
+    agree (one tiny all-gather per chunk), so that all of them stop after the same step."""
+    from ._stop import stop_requested
+
+    flag = stop_requested()
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    from ._distributed import wait_for_all
+
+    wait_for_all("chunk")  # process 0 may still be writing a checkpoint
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def _diverged(loss, bad: int, last_good: int | None, run_dir) -> TrainingDivergedError:

@@ -30,7 +30,7 @@ from ._common import (
     write_json,
     writing,
 )
-from ._training import add_process_options, init_processes
+from ._processes import add_process_options, init_processes
 
 TRACES = ("rademacher", "gaussian", "exact")
 

@@ -9,10 +9,13 @@ they import `_common`, and nothing imports this module but the package's `__init
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
-from . import _curve, _demo, _flow, _sampling, _training
+from . import _curve, _demo, _flow, _sampling, _signals, _supervise, _training
 from ._common import CLIError, Command, compile_cache_dir, enable_compile_cache
+from ._processes import is_multiprocess
 
 COMMANDS: tuple[Command, ...] = (
     *_training.COMMANDS,  # train, train-classifier
@@ -71,21 +74,108 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The console entry point: `probflow COMMAND [options]`."""
+    """The console entry point: `probflow COMMAND [options]`.
+
+    A multi-process run is supervised (`_supervise`): this process runs the command in a child
+    and reports its fatal end in one line. Signals are handled by `_signals` (SIGINT: exit 130,
+    SIGTERM: 143, or a checkpoint first for `probflow train`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if is_multiprocess(args) and not _supervise.is_worker():
+        return _supervise.supervise(argv, args)
+    worker = _supervise.is_worker()
+    if worker:
+        _supervise.become_worker()
+    installed = _signals.install(args.command)
+    try:
+        code = _run(args)
+    except SystemExit as e:
+        if not worker:
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        if not worker:
+            raise
+        traceback.print_exc()  # a bug: shown, then leave without waiting for the peers
+        code = 1
+    try:
+        if worker:
+            code = _leave_run(code)
+        return code
+    finally:
+        if installed:
+            _signals.uninstall()
+
+
+def _run(args) -> int:
+    """Run the command; an expected failure is one line on stderr and its exit status."""
     if not args.no_compile_cache:
         enable_compile_cache()
+    import jax
+
     from .._checkpoint import CheckpointError
-    from .._train import TrainingDivergedError
+    from .._run_dir import RunDirectoryError
+    from .._train import TrainingDivergedError, TrainingStopped
 
     try:
         return int(args._run(args) or 0)
     except (CLIError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"probflow {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDivergedError as e:
+        lost = _peer_failure(e, args)  # a collective's error can arrive as a ValueError
+        print(f"probflow {args.command}: error: {lost or e}", file=sys.stderr)
+        return 2 if lost is None else 1
+    except (TrainingDivergedError, RunDirectoryError) as e:
         print(f"probflow {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrainingStopped as e:
+        print(f"probflow {args.command}: terminated: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"probflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as e:  # e.g. a collective of a multi-process run failed
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"probflow {args.command}: error: {_peer_failure(e, args) or first}",
+              file=sys.stderr)
+        return 1
+
+
+def _peer_failure(e: Exception, args) -> str | None:
+    """One line for an error of an operation across the processes of a multi-process run (a
+    peer stopped), else None."""
+    import jax
+
+    text = str(e)
+    try:
+        several = jax.process_count() > 1
+    except Exception:  # noqa: BLE001 - the runtime itself may be what failed
+        several = False
+    if not several or not (isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in text
+                           or "heartbeat" in text or "CoordinationService" in text):
+        return None
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    lost = _supervise.describe_lost_peer(
+        text, heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+    return f"process {jax.process_index()}: " + (
+        lost or f"an operation across the processes failed (another process stopped: see its "
+                f"output): {first}")
+
+
+def _leave_run(code: int) -> int:
+    """A supervised process leaves its multi-process run: after success together with the
+    others (JAX's shutdown barrier); after a failure at once, so that it never waits for peers
+    that go on working (they stop within their heartbeat timeout, or at once if it was the
+    coordinator, and report it in one line)."""
+    if "jax" not in sys.modules:
+        return code
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    if jax_distributed.global_state.client is None:
+        return code
+    if code == 0:
+        jax.distributed.shutdown()
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

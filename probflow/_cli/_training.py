@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from . import _signals
 from ._common import (
     SDE_NAMES,
     CLIError,
@@ -23,6 +24,7 @@ from ._common import (
     write_json,
     writing,
 )
+from ._processes import add_process_options, init_processes
 
 #: `probflow train`'s values for the options that a `--config` may set instead.
 TRAIN_DEFAULTS = {
@@ -104,36 +106,6 @@ def _add_train(p) -> None:
     add_process_options(p)
 
 
-def add_process_options(p) -> None:
-    """--coordinator/--num-processes/--process-id (or --distributed): a multi-process run."""
-    g = p.add_argument_group("processes (multi-host runs, jax.distributed)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address; with --num-processes and --process-id (default: "
-                        "a single process)")
-    g.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
-                   help="processes in the run, one per host (default: 1)")
-    g.add_argument("--process-id", type=int, default=None, metavar="I",
-                   help="this process's index in [0, N) (default: 0 of 1)")
-    g.add_argument("--distributed", action="store_true",
-                   help="detect the processes from the cluster's environment (SLURM, Open MPI, "
-                        "Kubernetes) and join them")
-    g.add_argument("--heartbeat-timeout", type=positive_int, default=100, metavar="S",
-                   help="fail (instead of hanging) when a process is silent for S seconds")
-
-
-def init_processes(args) -> None:
-    """Join the multi-process run the options describe (nothing for a single process)."""
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if not args.distributed and all(v is None for v in explicit):
-        return
-    from .._distributed import initialize_distributed
-
-    try:
-        initialize_distributed(*explicit, heartbeat_timeout_seconds=args.heartbeat_timeout)
-    except ValueError as e:
-        raise CLIError(f"--coordinator/--num-processes/--process-id: {e}") from None
-
-
 def _build_network(args, ds, sde, key):
     from ..models import MLP, UNet
 
@@ -188,6 +160,7 @@ def _run_train(args) -> int:
 
     if args.process_id in (None, 0):  # the process that writes the run
         out_path(args.out, None, folder=True, create=False)
+    _signals.stop_at_safe_point()  # SIGTERM: checkpoint, then exit (a preempted job resumes)
     init_processes(args)
     if args.devices is None and jax.process_count() > 1:
         args.devices = jax.device_count()  # every device of every process
@@ -214,7 +187,8 @@ def _run_train(args) -> int:
                               ("--train-steps", args.steps)):
             if value is None:
                 raise CLIError(f"{option} is required (unless --config NAME gives it)")
-    if args.resume and not (Path(args.out) / "checkpoint.eqx").exists():
+    run = Path(args.out)
+    if args.resume and not ((run / "checkpoint.eqx").exists() or (run / "config.json").exists()):
         raise CLIError(f"--resume: no checkpoint in {args.out} to resume from")
     config = _train_config(args, paper)
     data_name = args.data or paper.data
