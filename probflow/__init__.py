@@ -92,3 +92,4 @@ from ._train import TrainConfig as TrainConfig
 from ._train import TrainingDivergedError as TrainingDivergedError
 from ._train import TrainResult as TrainResult
 from ._train import train as train
+from ._unipc import UniPC as UniPC
