@@ -23,6 +23,7 @@ from ._curves import likelihood_curve as likelihood_curve
 from ._curves import nfe_curve as nfe_curve
 from ._curves import plot_nfe_curve as plot_nfe_curve
 from ._curves import save_image_grid as save_image_grid
+from ._deis import DEIS as DEIS
 from ._distributed import distributed_bits_per_dim as distributed_bits_per_dim
 from ._distributed import initialize_distributed as initialize_distributed
 from ._divergence import AbstractTraceEstimator as AbstractTraceEstimator
@@ -41,6 +42,7 @@ from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
 from ._flow import decode as decode
 from ._flow import encode as encode
 from ._flow import sample_ode as sample_ode
+from ._ipndm import IPNDM as IPNDM
 from ._likelihood import bits_per_dim as bits_per_dim
 from ._likelihood import log_likelihood as log_likelihood
 from ._loss import dsm_loss as dsm_loss

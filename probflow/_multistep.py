@@ -38,7 +38,8 @@ def phi(k: int, h):
         return jnp.exp(h)
     small = jnp.abs(h) < 1.0
     hs = jnp.where(small, h, 0.0)
-    series = sum(hs**j * (1.0 / math.factorial(j + k)) for j in range(18))  # |h| < 1: error < 1/(18+k)!
+    # For |h| < 1 the truncation error is below 1 / (18 + k)!.
+    series = sum(hs**j * (1.0 / math.factorial(j + k)) for j in range(18))
     hl = jnp.where(small, 1.0, h)
     rec = jnp.exp(hl)
     for j in range(k):
