@@ -36,6 +36,8 @@ from ._dpm import AbstractExponentialIntegrator as AbstractExponentialIntegrator
 from ._dpm import DPMSolver as DPMSolver
 from ._dpm import DPMSolverMultistep as DPMSolverMultistep
 from ._dpm import LogSNRTimeODE as LogSNRTimeODE
+from ._edm import EDMStochasticSampler as EDMStochasticSampler
+from ._edm import sample_edm as sample_edm
 from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
 from ._evaluate import evaluate_bits_per_dim as evaluate_bits_per_dim
 from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
