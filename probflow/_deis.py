@@ -51,11 +51,20 @@ def lagrange_integrals(sde: AbstractSDE, ts, sigma0, sigma1):
 
 
 class DEIS(AbstractExponentialIntegrator):
-    """tAB-DEIS (Zhang & Chen 2023) of `order` 1 to 4 (default 3): the noise prediction
-    extrapolated by a polynomial in t through the last `order` steps and integrated exactly in
-    sigma = exp(-lambda); one evaluation a step, lower orders while the history fills. Fixed steps
-    only (`steps=N`), on `schedule` ("quadratic", the default, "time", "log_snr", "edm" or a step
-    schedule).
+    """tAB-DEIS (Zhang & Chen 2023): the noise prediction extrapolated by a polynomial in t
+    through the last `order` steps and integrated exactly in sigma = exp(-lambda); one
+    evaluation a step, lower orders while the history fills.
+
+    Fixed steps only (`steps=N`); runs in time "t" or "log_snr"; the probability-flow ODE only
+    (not `log_likelihood`).
+
+    **Arguments:**
+
+    - `order`: 1 to 4 (default 3, the paper's tAB3), the number of steps the polynomial
+      passes through.
+    - `schedule`: the step schedule of `steps=N`: "quadratic" (uniform in sqrt(t), the
+      default), "time", "log_snr", "edm" or an `AbstractStepSchedule`.
+    - `sde`, `time`, `num_steps`: set by the solve (`bind`); leave them out.
     """
 
     solver_order: int

@@ -51,11 +51,20 @@ def _check_number(value, name: str, *, positive: bool = False, allow_inf: bool =
 class EDMStochasticSampler(diffrax.AbstractSolver):
     """Karras et al. 2022, Algorithm 2, as a diffrax solver of the score term, bound to its SDE.
 
-    `S_churn` (total churn; 0, the default, is the deterministic Heun sampler of Algorithm 1),
-    `S_tmin`, `S_tmax` (the sigma = std / scale range where churn is applied) and `S_noise` (the
-    noise's standard deviation, slightly above 1 to offset the denoiser's loss of detail). Used by
-    `pf.sample_edm`; each diffrax step is one Heun step (two evaluations) with churn, noise drawn
-    from the example's key (`args`) folded with the step counter.
+    Used by `pf.sample_edm` (not by `sample_sde`/`decode`); each diffrax step is one Heun step
+    (two evaluations) with churn, its noise drawn from the example's key (`args`) folded with
+    the step counter.
+
+    **Arguments:**
+
+    - `S_churn`: the total churn (>= 0); step i of N raises sigma by the factor
+      1 + min(S_churn / N, sqrt(2) - 1). 0, the default, is the deterministic Heun sampler of
+      Algorithm 1.
+    - `S_tmin`, `S_tmax`: churn only where S_tmin <= sigma <= S_tmax, sigma = std / scale
+      (defaults 0 and inf).
+    - `S_noise`: the churn noise's standard deviation (default 1; the paper uses slightly more
+      than 1 to offset the denoiser's loss of detail).
+    - `sde`, `num_steps`: set by `sample_edm` (`bind`); leave them out.
     """
 
     S_churn: float = 0.0
@@ -205,12 +214,24 @@ def sample_edm(
     eps: float = 1e-3,
     dtype=None,
 ) -> SampleResult:
-    """`num_samples` samples by EDM's stochastic sampler (Karras et al. 2022, Algorithm 2).
+    """`num_samples` samples by EDM's stochastic sampler (Karras et al. 2022, Algorithm 2):
+    prior draws taken from T down to eps by Heun steps with churn.
 
-    `steps` steps from T down to eps on `schedule` (EDM's rho = 7 schedule by default); the
-    churn is `sampler`'s (`pf.EDMStochasticSampler(S_churn=..., S_tmin=..., S_tmax=...,
-    S_noise=...)`; the default, no churn, is Algorithm 1). `r.nfe` per example is 2 steps - 1:
-    Heun's correction is skipped on the last step.
+    `r.nfe` per example is 2 steps - 1: Heun's correction is skipped on the last step.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score`.
+    - `sde`: the SDE the model was trained for.
+    - `num_samples`, `shape`: how many samples, and each one's shape.
+    - `key`: a JAX PRNG key (keyword-only); each sample gets its own prior draw and noise.
+    - `sampler`: a `pf.EDMStochasticSampler(S_churn=..., S_tmin=..., S_tmax=..., S_noise=...)`;
+      the default has no churn (Algorithm 1).
+    - `steps`: the number of steps N (default 18, as EDM's CIFAR-10 sampler).
+    - `schedule`: the step times, an `AbstractStepSchedule` or a schedule name (default
+      `pf.EDMSchedule()`, EDM's rho = 7).
+    - `eps`: the final time (default 1e-3).
+    - `dtype`: the samples' dtype (default: JAX's default float).
     """
     sde = check_sde(sde)
     eps = check_eps(eps, sde)

@@ -30,10 +30,19 @@ _AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 
 
 
 class IPNDM(AbstractExponentialIntegrator):
-    """iPNDM (Zhang & Chen 2023): Adams-Bashforth of `order` 1 to 4 (default 4) on the noise
-    prediction in sigma = exp(-lambda); one evaluation a step, lower orders while the history
-    fills. Fixed steps only (`steps=N`), on `schedule` ("quadratic", the default, "time",
-    "log_snr", "edm" or a step schedule).
+    """iPNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction in sigma =
+    exp(-lambda); one evaluation a step, lower orders while the history fills.
+
+    Its weights are the constant-step ones, so it reaches its order only on steps uniform in
+    sigma; on other schedules it converges at second order. Fixed steps only (`steps=N`); runs
+    in time "t" or "log_snr"; the probability-flow ODE only (not `log_likelihood`).
+
+    **Arguments:**
+
+    - `order`: 1 to 4 (default 4), the largest Adams-Bashforth order.
+    - `schedule`: the step schedule of `steps=N`: "quadratic" (uniform in sqrt(t), the
+      default), "time", "log_snr", "edm" or an `AbstractStepSchedule`.
+    - `sde`, `time`, `num_steps`: set by the solve (`bind`); leave them out.
     """
 
     solver_order: int

@@ -58,12 +58,22 @@ def _coefficients(p: int, hh, b_h, rks, corrector: bool):
 class UniPC(AbstractExponentialIntegrator):
     """UniPC-p (Zhao et al. 2023): predictor UniP-p, corrector UniC-p; one evaluation a step.
 
-    `order` 1, 2 or 3 (the predictor's; the corrector adds one). `variant` "bh1" (B(h) = h, the
-    paper's choice for unguided sampling at few steps, the default) or "bh2" (B(h) = e^h - 1, for
-    guided sampling); `prediction` "data" (x0, as DPM-Solver++; the default) or "noise" (eps).
-    The first steps use the orders their history allows; with `lower_order_final` (the reference
-    code's default) step i of N uses order at most N + 1 - i. Fixed steps only (`steps=N`), on
-    `schedule` ("quadratic", the default, "time", "log_snr", or a step schedule).
+    A solve of N steps costs N evaluations: the corrector reuses the next step's evaluation and
+    is skipped on the last step. The first steps use the orders their history allows. Fixed
+    steps only (`steps=N`); runs in time "t" or "log_snr"; the probability-flow ODE only (not
+    `log_likelihood`).
+
+    **Arguments:**
+
+    - `order`: 1, 2 or 3 (default 3), the predictor's order; the corrector adds one.
+    - `schedule`: the step schedule of `steps=N`: "quadratic" (uniform in sqrt(t), the
+      default), "time", "log_snr", "edm" or an `AbstractStepSchedule`.
+    - `variant`: "bh1" (B(h) = h; the paper's choice for unguided sampling at few steps, the
+      default) or "bh2" (B(h) = e^h - 1, the paper's choice for guided sampling).
+    - `prediction`: "data" (x0, as DPM-Solver++; the default) or "noise" (eps).
+    - `lower_order_final`: the reference code's rule (default True): step i of N uses order at
+      most N + 1 - i, which steadies few-step solves.
+    - `sde`, `time`, `num_steps`: set by the solve (`bind`); leave them out.
     """
 
     solver_order: int
