@@ -33,8 +33,8 @@ class IPNDM(AbstractExponentialIntegrator):
     """iPNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction in sigma =
     exp(-lambda); one evaluation a step, lower orders while the history fills.
 
-    Its weights are the constant-step ones, so it reaches its order only on steps uniform in
-    sigma; on other schedules it converges at second order. Fixed steps only (`steps=N`); runs
+    Its weights are the constant-step ones, which assume equal steps in sigma; on the usual
+    schedules it converges at second order. Fixed steps only (`steps=N`); runs
     in time "t" or "log_snr"; the probability-flow ODE only (not `log_likelihood`).
 
     **Arguments:**

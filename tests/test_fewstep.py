@@ -377,9 +377,7 @@ def tight(exact):
     with jax.enable_x64(True):
         z = jnp.asarray(_z())
         ref = pf.decode(model, sde, z, solver=diffrax.Dopri8(), rtol=1e-12, atol=1e-12).x
-        ref_short = pf.decode(model, sde, z, eps=0.05, solver=diffrax.Dopri8(), rtol=1e-12,
-                              atol=1e-12).x
-    return z, ref, ref_short
+    return z, ref, None
 
 
 def _slow(*args):
@@ -395,10 +393,11 @@ ORDERS = [
     _slow(pf.DEIS(2, schedule="log_snr"), (40, 80), 2.0, EPS),
     (pf.DEIS(3, schedule="log_snr"), (40, 80), 3.0, EPS),
     _slow(pf.DEIS(4, schedule="log_snr"), (40, 80), 4.0, EPS),
-    # Constant Adams-Bashforth weights are of order p on steps uniform in sigma (rho = 1).
-    _slow(pf.IPNDM(2, schedule=pf.EDMSchedule(rho=1.0)), (40, 80), 2.0, 0.05),
-    (pf.IPNDM(3, schedule=pf.EDMSchedule(rho=1.0)), (40, 80), 3.0, 0.05),
-    _slow(pf.IPNDM(4, schedule=pf.EDMSchedule(rho=1.0)), (40, 80), 4.0, 0.05),
+    # iPNDM's constant-step Adams-Bashforth weights on steps that are not uniform in sigma:
+    # second order whatever the order (as documented).
+    _slow(pf.IPNDM(2, schedule="log_snr"), (40, 80), 2.0, EPS),
+    (pf.IPNDM(3, schedule="log_snr"), (40, 80), 2.0, EPS),
+    _slow(pf.IPNDM(4, schedule="log_snr"), (40, 80), 2.0, EPS),
 ]
 _ORDER_IDS = ["unipc1", "unipc2", "unipc3", "unipc2-bh2-noise", "deis2", "deis3", "deis4",
               "ipndm2", "ipndm3", "ipndm4"]
