@@ -24,10 +24,10 @@ import diffrax
 import jax.numpy as jnp
 import numpy as np
 
-from ._dpm import AbstractExponentialIntegrator, _not_none
-from ._multistep import plain_state, push
+from ._dpm import AbstractExponentialIntegrator
+from ._multistep import plain_state, push, step_schedule
 from ._sde import AbstractSDE
-from ._time import AbstractClock, AbstractStepSchedule, as_clock, as_schedule
+from ._time import AbstractClock, AbstractStepSchedule, as_clock
 
 _NODES, _WEIGHTS = (tuple(float(v) for v in a) for a in np.polynomial.legendre.leggauss(16))
 
@@ -73,10 +73,11 @@ class DEIS(AbstractExponentialIntegrator):
     time: AbstractClock
     num_steps: int | None
 
-    def __init__(self, order: int = 3, schedule="quadratic", *, sde=None, time="t",
+    def __init__(self, order: int = 3, schedule: str | AbstractStepSchedule = "quadratic", *,
+                 sde=None, time="t",
                  num_steps=None):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = step_schedule(schedule)
         self.sde = sde
         self.time = as_clock(time)
         self.num_steps = num_steps

@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
+from ._multistep import step_schedule
 from ._pc import ScoreVectorField
 from ._results import SampleResult
 from ._sde import AbstractSDE
-from ._time import AbstractStepSchedule, EDMSchedule, as_schedule
+from ._time import AbstractStepSchedule, EDMSchedule
 from ._validate import check_eps, check_model, check_positive_int, check_sde, check_shape
 
 
@@ -175,7 +176,7 @@ def solve_edm(model: Callable, sampler: EDMStochasticSampler, x_T, ts, key: PRNG
             max_steps=steps - 1,
             throw=False,
         )
-        x = sol.ys[-1]
+        x = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
         heun_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     x = sampler.churn_step(
         model, ts[-2], ts[-1], x, jax.random.fold_in(key, steps - 1), heun=False
@@ -235,17 +236,15 @@ def sample_edm(
     """
     sde = check_sde(sde)
     eps = check_eps(eps, sde)
-    steps = check_positive_int(steps, "steps")
-    num_samples = check_positive_int(num_samples, "num_samples")
+    steps = int(check_positive_int(steps, "steps"))  # type: ignore[arg-type]
+    num_samples = int(check_positive_int(num_samples, "num_samples"))  # type: ignore[arg-type]
     shape = check_shape(shape)
     if not isinstance(sampler, EDMStochasticSampler):
         raise ValueError(
             f"sampler must be a pf.EDMStochasticSampler(...), got {type(sampler).__name__}"
         )
-    schedule = as_schedule(schedule)
-    if schedule is None:
-        raise ValueError("schedule must be a step schedule or one of its names, got None")
+    times = step_schedule(schedule)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
-    x, nfe, num_steps = _sample_edm(model, sde, keys, shape, dtype, eps, steps, sampler, schedule)
+    x, nfe, num_steps = _sample_edm(model, sde, keys, shape, dtype, eps, steps, sampler, times)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

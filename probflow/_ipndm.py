@@ -20,10 +20,10 @@ from __future__ import annotations
 import diffrax
 import jax.numpy as jnp
 
-from ._dpm import AbstractExponentialIntegrator, _not_none
-from ._multistep import plain_state, push
+from ._dpm import AbstractExponentialIntegrator
+from ._multistep import plain_state, push, step_schedule
 from ._sde import AbstractSDE
-from ._time import AbstractClock, AbstractStepSchedule, as_clock, as_schedule
+from ._time import AbstractClock, AbstractStepSchedule, as_clock
 
 # Adams-Bashforth weights of orders 1..4, newest evaluation first.
 _AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -51,10 +51,11 @@ class IPNDM(AbstractExponentialIntegrator):
     time: AbstractClock
     num_steps: int | None
 
-    def __init__(self, order: int = 4, schedule="quadratic", *, sde=None, time="t",
+    def __init__(self, order: int = 4, schedule: str | AbstractStepSchedule = "quadratic", *,
+                 sde=None, time="t",
                  num_steps=None):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = step_schedule(schedule)
         self.sde = sde
         self.time = as_clock(time)
         self.num_steps = num_steps

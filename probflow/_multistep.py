@@ -13,6 +13,16 @@ import math
 
 import jax.numpy as jnp
 
+from ._time import AbstractStepSchedule, as_schedule
+
+
+def step_schedule(schedule) -> AbstractStepSchedule:
+    """The step schedule of a fixed-step solve from a schedule or its name (not None)."""
+    out = as_schedule(schedule)
+    if out is None:
+        raise ValueError("schedule must be one of the schedule names or a step schedule, got None")
+    return out
+
 
 def plain_state(y0, solver_name: str):
     """The state x of a plain solve; the likelihood ODE's (x, delta) is not supported."""

@@ -30,10 +30,10 @@ from __future__ import annotations
 import diffrax
 import jax.numpy as jnp
 
-from ._dpm import AbstractExponentialIntegrator, _not_none
-from ._multistep import phi, plain_state, push
+from ._dpm import AbstractExponentialIntegrator
+from ._multistep import phi, plain_state, push, step_schedule
 from ._sde import AbstractSDE
-from ._time import AbstractClock, AbstractStepSchedule, as_clock, as_schedule
+from ._time import AbstractClock, AbstractStepSchedule, as_clock
 
 _VARIANTS = ("bh1", "bh2")
 _PREDICTIONS = ("data", "noise")
@@ -88,7 +88,7 @@ class UniPC(AbstractExponentialIntegrator):
     def __init__(
         self,
         order: int = 3,
-        schedule="quadratic",
+        schedule: str | AbstractStepSchedule = "quadratic",
         variant: str = "bh1",
         prediction: str = "data",
         lower_order_final: bool = True,
@@ -98,7 +98,7 @@ class UniPC(AbstractExponentialIntegrator):
         num_steps=None,
     ):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = step_schedule(schedule)
         self.variant = variant
         self.prediction = prediction
         self.lower_order_final = lower_order_final
