@@ -23,6 +23,7 @@ from ._curves import likelihood_curve as likelihood_curve
 from ._curves import nfe_curve as nfe_curve
 from ._curves import plot_nfe_curve as plot_nfe_curve
 from ._curves import save_image_grid as save_image_grid
+from ._deis import DEIS as DEIS
 from ._dequantization import AbstractDequantization as AbstractDequantization
 from ._dequantization import TruncatedNormalDequantization as TruncatedNormalDequantization
 from ._dequantization import UniformDequantization as UniformDequantization
@@ -38,6 +39,8 @@ from ._dpm import AbstractExponentialIntegrator as AbstractExponentialIntegrator
 from ._dpm import DPMSolver as DPMSolver
 from ._dpm import DPMSolverMultistep as DPMSolverMultistep
 from ._dpm import LogSNRTimeODE as LogSNRTimeODE
+from ._edm import EDMStochasticSampler as EDMStochasticSampler
+from ._edm import sample_edm as sample_edm
 from ._elbo import VariationalBound as VariationalBound
 from ._elbo import elbo as elbo
 from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
@@ -48,6 +51,7 @@ from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
 from ._flow import decode as decode
 from ._flow import encode as encode
 from ._flow import sample_ode as sample_ode
+from ._ipndm import IPNDM as IPNDM
 from ._likelihood import bits_per_dim as bits_per_dim
 from ._likelihood import log_likelihood as log_likelihood
 from ._loss import dsm_loss as dsm_loss
@@ -100,3 +104,4 @@ from ._train import TrainConfig as TrainConfig
 from ._train import TrainingDivergedError as TrainingDivergedError
 from ._train import TrainResult as TrainResult
 from ._train import train as train
+from ._unipc import UniPC as UniPC
