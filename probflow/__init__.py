@@ -92,3 +92,8 @@ from ._train import TrainConfig as TrainConfig
 from ._train import TrainingDivergedError as TrainingDivergedError
 from ._train import TrainResult as TrainResult
 from ._train import train as train
+from ._tune import TunedSchedule as TunedSchedule
+from ._tune import TunedScheduleError as TunedScheduleError
+from ._tune import load_schedule as load_schedule
+from ._tune import save_schedule as save_schedule
+from ._tune import tune_schedule as tune_schedule
