@@ -23,6 +23,7 @@ from ._curves import likelihood_curve as likelihood_curve
 from ._curves import nfe_curve as nfe_curve
 from ._curves import plot_nfe_curve as plot_nfe_curve
 from ._curves import save_image_grid as save_image_grid
+from ._curves import tune_sweep as tune_sweep
 from ._distributed import distributed_bits_per_dim as distributed_bits_per_dim
 from ._distributed import initialize_distributed as initialize_distributed
 from ._divergence import AbstractTraceEstimator as AbstractTraceEstimator

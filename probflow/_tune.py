@@ -60,10 +60,16 @@ def _same(a: float, b: float) -> bool:
 class TunedSchedule(AbstractStepSchedule):
     """Fixed times t_0 = T > t_1 > ... > t_N = eps, tuned to one model, SDE and solver.
 
-    `times` are Python floats (a schedule is static in a solve's plan). A solve from T to eps
-    (decode, sampling) steps to them; one from eps to T (encode) to them reversed. `model`,
-    `sde`, `solver` and `time` record what they were tuned for (a fingerprint of the model's
-    parameters, the SDE's and the solver's repr, the clock's name); `load_schedule` checks them.
+    Made by `tune_schedule` or `load_schedule`. A solve from T to eps (decode, sampling) steps
+    to its times; one from eps to T (encode) to them reversed; any other `steps` or ends raise.
+
+    **Arguments:**
+
+    - `ts`: the N + 1 times, Python floats decreasing strictly from T to eps > 0.
+    - `model`: a fingerprint of the weights of the model it was tuned for.
+    - `sde`: the repr of the SDE it was tuned for.
+    - `solver`: the repr of the solver it was tuned for.
+    - `time`: the name of the clock the tuning solves ran in.
     """
 
     ts: tuple[float, ...]
@@ -161,23 +167,26 @@ class _Parametrisation(eqx.Module):
 
 def _fixed_step_solve(term, solver, cs, y0):
     """The solve diffrax runs with StepTo(cs), taken one diffeqsolve per step with the solver's
-    state carried (a scan, so the backward pass stores each step once instead of recomputing)."""
+    state carried: a scan, so the model and its backward pass are compiled once and the backward
+    pass stores each step instead of recomputing it. The initial state comes from a solve of
+    length zero in the same direction (diffrax's own `init`, with its time flip)."""
+    init = diffrax.diffeqsolve(
+        term, solver, t0=cs[0], t1=cs[0], dt0=cs[1] - cs[0], y0=y0, max_steps=1,
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+    )
 
-    def one(c0, c1, y, state):
+    def body(carry, pair):
+        y, state = carry
         sol = diffrax.diffeqsolve(
-            term, solver, t0=c0, t1=c1, dt0=None, y0=y,
-            stepsize_controller=diffrax.StepTo(ts=jnp.stack([c0, c1])), max_steps=1,
+            term, solver, t0=pair[0], t1=pair[1], dt0=None, y0=y,
+            stepsize_controller=diffrax.StepTo(ts=pair), max_steps=1,
             solver_state=state, saveat=diffrax.SaveAt(t1=True, solver_state=True),
         )
         assert sol.ys is not None
-        return sol.ys[-1], sol.solver_state
+        return (sol.ys[-1], sol.solver_state), None
 
-    y, state = one(cs[0], cs[1], y0, None)
-
-    def body(carry, pair):
-        return one(pair[0], pair[1], *carry), None
-
-    (y, _), _ = jax.lax.scan(body, (y, state), jnp.stack([cs[1:-1], cs[2:]], axis=1))
+    pairs = jnp.stack([cs[:-1], cs[1:]], axis=1)
+    (y, _), _ = jax.lax.scan(body, (y0, init.solver_state), pairs)
     return y
 
 
@@ -220,16 +229,36 @@ def tune_schedule(
     reference_tol: float = 1e-5,
     progress: Callable[[int, float], None] | None = None,
 ) -> TunedSchedule:
-    """A step schedule of `steps` steps from T to eps, tuned so that `solver` decodes a
-    calibration batch of `num_latents` prior latents (drawn with `key`) with the least mean
-    squared error against `reference_solver` (default Tsit5) at rtol = atol = `reference_tol`.
+    """A step schedule of `steps` steps from T to eps, tuned to `model` for `solver`.
 
-    The schedule starts from `init` (None: the schedule an untuned solve with this solver uses)
-    and takes `iterations` Adam steps of size `learning_rate` on the log-increments of its times
-    in sqrt(t), by backpropagation through the solve; the best schedule seen on the calibration
-    batch is returned, so it is never worse there than `init`. `shape` is one example's shape
-    (default: `model.shape` for probflow's score models). `progress(i, rms)` is called after
-    each iteration with the calibration RMS error of the schedule it evaluated.
+    The times minimise the mean squared error, in model space, of `solver`'s fixed-step decode of
+    a calibration batch of prior latents against a tight reference solve from the same latents.
+    They start from `init` and take `iterations` Adam steps on the log-increments of the times
+    in sqrt(t), by backpropagation through the solve (LD3's approach; see the module's docstring
+    for why not GITS's dynamic programming). The best schedule seen on the calibration batch is
+    returned, so it is never worse there than `init`. Evaluate it on other latents.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x)` for one example.
+    - `sde`: its SDE.
+    - `solver`: any fixed-step diffrax solver or probflow exponential integrator.
+    - `steps`: N >= 2, the number of steps the schedule is for.
+    - `key`: draws the calibration latents, `sde.prior_sample(k, shape)` for each k in
+      `jax.random.split(key, num_latents)`.
+    - `shape`: one example's shape (default `model.shape` for probflow's score models).
+    - `num_latents`: the calibration batch size.
+    - `iterations`: the number of Adam steps.
+    - `learning_rate`: Adam's step size on the log-increments.
+    - `eps`: the time the decode ends at (the schedule's last time).
+    - `time`: the clock the solves run in ("t", "log_snr" or a clock), as in `pf.decode`.
+    - `init`: the starting schedule (None: the one an untuned solve with `solver` uses).
+    - `reference_solver`: the adaptive solver of the reference (default `diffrax.Tsit5()`).
+    - `reference_tol`: its rtol = atol.
+    - `progress`: called as `progress(i, rms)` after each evaluation of the objective, with the
+      calibration RMS error of the schedule it evaluated (i = 0 is `init`).
+
+    **Returns:** a `TunedSchedule`; pass it as `schedule=` with `steps=N` to any solve.
     """
     sde = check_sde(sde)
     eps = check_eps(eps, sde)
@@ -303,8 +332,15 @@ def _digest(body: dict) -> str:
 
 def save_schedule(path: str | os.PathLike, schedule: TunedSchedule,
                   info: dict[str, Any] | None = None) -> None:
-    """Write `schedule` to `path` as JSON (its times, steps, and what it was tuned for, plus
-    `info`), with a SHA-256 of the rest, atomically."""
+    """Write a tuned schedule to its own small file: JSON with its times, steps, what it was
+    tuned for and `info`, plus a SHA-256 of the rest; written atomically.
+
+    **Arguments:**
+
+    - `path`: the file to write.
+    - `schedule`: a `TunedSchedule`.
+    - `info`: JSON-serialisable notes stored with it (e.g. the calibration errors).
+    """
     if not isinstance(schedule, TunedSchedule):
         raise ValueError(f"schedule must be a TunedSchedule, got {type(schedule).__name__}")
     body = {
@@ -319,8 +355,18 @@ def save_schedule(path: str | os.PathLike, schedule: TunedSchedule,
 def load_schedule(path: str | os.PathLike, *, model: Callable | None = None,
                   sde: AbstractSDE | None = None,
                   solver: diffrax.AbstractSolver | None = None) -> TunedSchedule:
-    """The `TunedSchedule` saved at `path`; with `model`, `sde` or `solver` given, checks that it
-    was tuned for them. A damaged file raises `TunedScheduleError` (a ValueError)."""
+    """The `TunedSchedule` saved by `save_schedule` at `path`.
+
+    A missing, damaged or foreign file, or one tuned for another model, SDE or solver than those
+    given, raises `TunedScheduleError` (a ValueError) with a one-line message.
+
+    **Arguments:**
+
+    - `path`: the file.
+    - `model`: if given, the model it must have been tuned for (a fingerprint of its weights).
+    - `sde`: if given, the SDE it must have been tuned for.
+    - `solver`: if given, the solver it must have been tuned for.
+    """
     try:
         with open(path, "rb") as f:
             raw = json.loads(f.read().decode())

@@ -168,3 +168,83 @@ def test_tuned_schedule_on_digits_vp():
     tuned_err = _rms(pf.decode(model, sde, z, solver=solver, steps=5, schedule=sched).x, ref)
     assert tuned_err < default, (tuned_err, default)
     assert sched.model == pf._tune.fingerprint(model)
+
+
+# ------------------------------------------------------------------ NFE curves and the CLI
+
+
+def test_nfe_curve_with_tuned_schedules(mixture, tuned):
+    model, sde = mixture
+    sched, _ = tuned
+    solver = pf.DPMSolverMultistep(order=2)
+    sweeps = [pf.ODESweep(label="2m", solver=solver, steps=(N,)),
+              pf.ODESweep(label="2m+tuned", solver=solver, steps=(N,), schedule=(sched,)),
+              pf.ODESweep(label="2m+edm", solver=solver, steps=(N,), schedule="edm")]
+    rows = pf.nfe_curve(model, sde, (2,), key=jax.random.key(3), num_samples=128,
+                        ode_sweeps=sweeps, stochastic_sweeps=[],
+                        reference_solver=diffrax.Dopri8(), reference_tol=1e-8)
+    err = {r["sampler"]: r["solver_error"] for r in rows}
+    assert err["ode-2m+tuned"] < err["ode-2m"] and err["ode-2m+edm"] != err["ode-2m"]
+    assert all(r["nfe_mean"] == N for r in rows[1:])
+
+
+def test_ode_sweep_schedule_validation(tuned):
+    sched, _ = tuned
+    solver = pf.DPMSolverMultistep(order=2)
+    with pytest.raises(ValueError, match="needs steps"):
+        pf.ODESweep(label="x", solver=diffrax.Tsit5(), tolerances=(1e-3,), schedule="edm")
+    with pytest.raises(ValueError, match="one schedule per step count"):
+        pf.ODESweep(label="x", solver=solver, steps=(4, 8), schedule=(sched,))
+    assert pf.ODESweep(label="x", solver=solver, steps=(4,), schedule="edm").schedule_for(0) == (
+        pf.EDMSchedule())
+
+
+def test_tune_sweep(mixture):
+    model, sde = mixture
+    sweep = pf.ODESweep(label="2m", solver=pf.DPMSolverMultistep(order=2), steps=(N,))
+    t = pf.tune_sweep(model, sde, sweep, key=jax.random.key(5), shape=(2,), num_latents=8,
+                      iterations=1)
+    assert t.label == "2m+tuned" and t.steps == (N,)
+    assert isinstance(t.schedule, tuple) and isinstance(t.schedule[0], pf.TunedSchedule)
+    with pytest.raises(ValueError, match="no step counts"):
+        pf.tune_sweep(model, sde, pf.ODESweep(label="t", solver=diffrax.Tsit5(),
+                                              tolerances=(1e-3,)), key=jax.random.key(0))
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "probflow", *args], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=900)
+
+
+def test_cli_bad_schedule_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = _cli("nfe-curve", "--solvers", "dpm++2m", "--step-counts", "4", "--sde-steps", "",
+                "--likelihood-images", "0", "--schedule-file", str(bad))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--schedule-file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_nfe_curve_tune_and_schedule_file(tmp_path):
+    """`probflow nfe-curve --tune --schedule-file` on a tiny untrained MLP (the plumbing)."""
+    sde = pf.VPSDE()
+    model = pf.models.MLP((8, 8, 1), sde=sde, width=32, depth=1, key=jax.random.key(0))
+    ckpt = tmp_path / "tiny.eqx"
+    pf.save_checkpoint(ckpt, model, sde, None, num_bins=17, data_range=(0.0, 1.0), data="digits")
+    sched = pf.tune_schedule(model, sde, pf.DPMSolverMultistep(order=2), 3,
+                             key=jax.random.key(0), num_latents=4, iterations=2)
+    pf.save_schedule(tmp_path / "mine.json", sched)
+    js = tmp_path / "c.json"
+    proc = _cli("nfe-curve", "--checkpoint", str(ckpt), "--solvers", "dpm++2m,heun",
+                "--step-counts", "3", "--sde-steps", "", "--likelihood-images", "0",
+                "--num-samples", "8", "--tune", "--schedule-file", str(tmp_path / "mine.json"),
+                "--out", str(tmp_path / "c.png"), "--json", str(js))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samplers = {r["sampler"] for r in json.loads(js.read_text())["rows"]}
+    assert {"ode-dpm++2m", "ode-dpm++2m+tuned", "ode-heun+tuned", "ode-dpm++2m+mine",
+            "ode-heun+mine"} <= samplers
