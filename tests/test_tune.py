@@ -155,10 +155,10 @@ def test_invalid_arguments_raise_one_line(mixture, kwargs, match):
 
 @pytest.mark.slow
 def test_tuned_schedule_on_digits_vp():
-    """The shipped U-Net: DPM-Solver++(2M) with 5 steps, tuned on 16 latents, evaluated on 16
-    others against Tsit5 at 1e-6."""
+    """The shipped U-Net: DPM-Solver++(3M) with 5 steps, tuned on 16 latents, evaluated on 16
+    others against Tsit5 at 1e-6 (measured on 64: 0.080 -> 0.045; docs/samplers.md)."""
     model, sde = pf.load_pretrained("digits-vp")
-    solver = pf.DPMSolverMultistep(order=2)
+    solver = pf.DPMSolverMultistep(order=3)
     sched = pf.tune_schedule(model, sde, solver, 5, key=jax.random.key(1), num_latents=16,
                              iterations=10)
     keys = jax.random.split(jax.random.key(2), 16)
@@ -166,7 +166,7 @@ def test_tuned_schedule_on_digits_vp():
     ref = pf.decode(model, sde, z, solver=diffrax.Tsit5(), rtol=1e-6, atol=1e-6).x
     default = _rms(pf.decode(model, sde, z, solver=solver, steps=5).x, ref)
     tuned_err = _rms(pf.decode(model, sde, z, solver=solver, steps=5, schedule=sched).x, ref)
-    assert tuned_err < default, (tuned_err, default)
+    assert tuned_err < 0.9 * default, (tuned_err, default)
     assert sched.model == pf._tune.fingerprint(model)
 
 
