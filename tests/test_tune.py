@@ -41,6 +41,11 @@ def _rms(x, ref):
     return float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
 
 
+def _mean_rms(x, ref):
+    """The tuner's objective: the mean over examples of each example's RMS error."""
+    return float(jnp.mean(jnp.sqrt(jnp.mean((x - ref).reshape(len(x), -1) ** 2, axis=1))))
+
+
 def test_tuned_schedule_beats_default_on_held_out_latents(mixture, tuned):
     model, sde = mixture
     sched, _ = tuned
@@ -67,7 +72,7 @@ def test_tuner_objective_is_the_solve(mixture, tuned):
     z = jax.vmap(lambda k: sde.prior_sample(k, (2,), jnp.float32))(keys)
     ref = pf.decode(model, sde, z, solver=diffrax.Tsit5(), rtol=1e-5, atol=1e-5).x
     x = pf.decode(model, sde, z, solver=pf.DPMSolverMultistep(order=2), steps=N).x
-    assert rms[0] == pytest.approx(_rms(x, ref), rel=1e-4)
+    assert rms[0] == pytest.approx(_mean_rms(x, ref), rel=1e-4)
     assert len(rms) == 16 and min(rms) < 0.9 * rms[0]
 
 
