@@ -23,6 +23,7 @@ from ._curves import likelihood_curve as likelihood_curve
 from ._curves import nfe_curve as nfe_curve
 from ._curves import plot_nfe_curve as plot_nfe_curve
 from ._curves import save_image_grid as save_image_grid
+from ._curves import tune_sweep as tune_sweep
 from ._deis import DEIS as DEIS
 from ._dequantization import AbstractDequantization as AbstractDequantization
 from ._dequantization import TruncatedNormalDequantization as TruncatedNormalDequantization
@@ -104,4 +105,9 @@ from ._train import TrainConfig as TrainConfig
 from ._train import TrainingDivergedError as TrainingDivergedError
 from ._train import TrainResult as TrainResult
 from ._train import train as train
+from ._tune import TunedSchedule as TunedSchedule
+from ._tune import TunedScheduleError as TunedScheduleError
+from ._tune import load_schedule as load_schedule
+from ._tune import save_schedule as save_schedule
+from ._tune import tune_schedule as tune_schedule
 from ._unipc import UniPC as UniPC

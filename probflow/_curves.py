@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import diffrax
 import jax
@@ -28,21 +29,47 @@ from ._metrics import frechet_distance, sliced_wasserstein
 from ._pc import LangevinCorrector, ReverseDiffusionPredictor, sample_pc
 from ._reverse_sde import sample_sde
 from ._sde import AbstractSDE
+from ._time import AbstractStepSchedule, as_schedule
+from ._tune import tune_schedule
 from ._validate import check_positive_int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ODESweep:
-    """One ODE solver swept over tolerances (adaptive) or step counts (fixed steps)."""
+    """One ODE solver swept over tolerances (adaptive) or step counts (fixed steps).
+
+    `schedule` lays the steps of the fixed-step settings: one schedule (or its name) for every
+    step count, or a tuple with one per step count (a `TunedSchedule` is tuned for one N);
+    None: the solve's default.
+    """
 
     label: str
     solver: diffrax.AbstractSolver
     tolerances: tuple[float, ...] = ()
     steps: tuple[int, ...] = ()
+    schedule: Any = None
 
     def __post_init__(self):
         if bool(self.tolerances) == bool(self.steps):
             raise ValueError(f"ODESweep {self.label!r}: give exactly one of tolerances or steps")
+        if self.schedule is None:
+            return
+        if self.tolerances:
+            raise ValueError(f"ODESweep {self.label!r}: schedule= needs steps, not tolerances")
+        if isinstance(self.schedule, tuple):
+            if len(self.schedule) != len(self.steps):
+                raise ValueError(
+                    f"ODESweep {self.label!r}: schedule must have one schedule per step count "
+                    f"({len(self.steps)}), got {len(self.schedule)}"
+                )
+            normal = tuple(as_schedule(s) for s in self.schedule)
+        else:
+            normal = as_schedule(self.schedule)
+        object.__setattr__(self, "schedule", normal)
+
+    def schedule_for(self, index: int) -> AbstractStepSchedule | None:
+        """The schedule of the `index`-th step count."""
+        return self.schedule[index] if isinstance(self.schedule, tuple) else self.schedule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,6 +84,42 @@ class StochasticSweep:
     def __post_init__(self):
         if self.kind not in ("sde", "pc"):
             raise ValueError(f"kind must be 'sde' or 'pc', got {self.kind!r}")
+
+
+def tune_sweep(
+    model: Callable,
+    sde: AbstractSDE,
+    sweep: ODESweep,
+    *,
+    key: PRNGKeyArray,
+    label: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    **tune_options,
+) -> ODESweep:
+    """A copy of a fixed-step `sweep` on schedules tuned by `tune_schedule`, one per step count
+    (starting from the sweep's own schedule), for `nfe_curve`.
+
+    **Arguments:**
+
+    - `model`, `sde`: the score model and its SDE.
+    - `sweep`: an `ODESweep` with `steps`.
+    - `key`: draws the calibration latents; pass a key other than the curve's, so that the
+      curve measures latents the schedules were not tuned on.
+    - `label`: the new sweep's label (default `sweep.label + "+tuned"`).
+    - `progress`: called with a message before each tuning.
+    - `tune_options`: passed to `tune_schedule` (`shape`, `eps`, `num_latents`, ...).
+    """
+    if not sweep.steps:
+        raise ValueError(f"tune_sweep: sweep {sweep.label!r} has no step counts to tune")
+    schedules = []
+    for i, (n, k) in enumerate(zip(sweep.steps, jax.random.split(key, len(sweep.steps)))):
+        if progress is not None:
+            progress(f"tuning {sweep.label} steps={n}")
+        init = sweep.schedule_for(i)
+        schedules.append(tune_schedule(model, sde, sweep.solver, n, key=k, init=init,
+                                       **tune_options))
+    return ODESweep(label=f"{sweep.label}+tuned" if label is None else label,
+                    solver=sweep.solver, steps=sweep.steps, schedule=tuple(schedules))
 
 
 def default_ode_sweeps(quick: bool = False) -> list[ODESweep]:
@@ -148,10 +211,13 @@ def nfe_curve(
     ]
     for sweep in ode_sweeps:
         settings = [("steps", n) for n in sweep.steps] + [("tol", t) for t in sweep.tolerances]
-        for kind, value in settings:
+        for i, (kind, value) in enumerate(settings):
             if progress is not None:
                 progress(f"{sweep.label} {kind}={value}")
-            opts = dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            opts: dict[str, Any] = (
+                dict(steps=value, schedule=sweep.schedule_for(i)) if kind == "steps"
+                else dict(rtol=value, atol=value)
+            )
             start = time.perf_counter()
             r = decode(model, sde, z, eps=eps, solver=sweep.solver, **opts)
             jax.block_until_ready(r.x)

@@ -268,13 +268,22 @@ def enable_compile_cache() -> Path | None:
 
 ODE_SOLVERS = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8",
                "reversibleheun")
-DPM_SOLVERS = ("dpm1", "dpm2", "dpm3", "dpm++2m", "dpm++3m")
+#: probflow's own solvers by command-line name: (class in `probflow`, constructor keywords).
+#: A new fixed-step solver is one line here, e.g. `"unipc3": ("UniPC", {"order": 3}),`.
+PROBFLOW_SOLVERS: dict[str, tuple[str, dict]] = {
+    "dpm1": ("DPMSolver", {"order": 1}),
+    "dpm2": ("DPMSolver", {"order": 2}),
+    "dpm3": ("DPMSolver", {"order": 3}),
+    "dpm++2m": ("DPMSolverMultistep", {"order": 2}),
+    "dpm++3m": ("DPMSolverMultistep", {"order": 3}),
+}
+DPM_SOLVERS = tuple(PROBFLOW_SOLVERS)
 SDE_NAMES = ("vp", "subvp", "ve")
 
 
 def make_solver(name: str, flag: str = "--solver"):
-    """A solver object from its command-line name (case-insensitive diffrax class name, or an
-    exponential integrator: dpm1..dpm3, dpm++2m, dpm++3m)."""
+    """A solver object from its command-line name (case-insensitive diffrax class name, or one of
+    `PROBFLOW_SOLVERS`: dpm1..dpm3, dpm++2m, dpm++3m)."""
     import diffrax
 
     import probflow as pf
@@ -284,10 +293,9 @@ def make_solver(name: str, flag: str = "--solver"):
         cls = {c.lower(): c for c in ("Euler", "Heun", "Midpoint", "Ralston", "Bosh3", "Tsit5",
                                       "Dopri5", "Dopri8", "ReversibleHeun")}[key]
         return getattr(diffrax, cls)()
-    if key in ("dpm1", "dpm2", "dpm3"):
-        return pf.DPMSolver(order=int(key[-1]))
-    if key in ("dpm++2m", "dpm++3m"):
-        return pf.DPMSolverMultistep(order=int(key[len("dpm++")]))
+    if key in PROBFLOW_SOLVERS:
+        cls, kwargs = PROBFLOW_SOLVERS[key]
+        return getattr(pf, cls)(**kwargs)
     raise CLIError(
         f"{flag}: unknown solver {name!r}; choose from {', '.join(ODE_SOLVERS + DPM_SOLVERS)}"
     )

@@ -45,6 +45,8 @@ class CurveSettings:
     likelihood_solvers: tuple[str, ...]
     reference_solver: str
     reference_tol: float
+    tune: bool = False  # add a tuned-schedule copy of every fixed-step solver
+    schedule_files: tuple[str, ...] = ()  # tuned schedules (pf.save_schedule files) to add
 
 
 #: The default sweep: a few settings of each kind, about 5 minutes on 2 CPU cores.
@@ -121,6 +123,14 @@ def _add_nfe_curve(p) -> None:
                         + _default_help("reference_solver"))
     p.add_argument("--reference-tol", type=positive_float, default=None,
                    help="rtol = atol of the reference solves " + _default_help("reference_tol"))
+    p.add_argument("--tune", action="store_true", default=None,
+                   help="also sweep every fixed-step solver on schedules tuned to the model "
+                        "(pf.tune_schedule, one per step count, on latents the curve does not "
+                        "use)")
+    p.add_argument("--schedule-file", dest="schedule_files", action="append", default=None,
+                   metavar="PATH",
+                   help="a tuned schedule saved by pf.save_schedule: every fixed-step solver "
+                        "whose step counts include its N also runs on it (repeatable)")
     p.add_argument("--eps", type=positive_float, default=1e-3,
                    help="the time sampling stops at, 0 < eps < T")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds the latents and noise")
@@ -132,7 +142,34 @@ def settings_from(args) -> CurveSettings:
     base = FULL if args.full else DEFAULT
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurveSettings)
              if getattr(args, f.name, None) is not None}
+    if "schedule_files" in given:
+        given["schedule_files"] = tuple(given["schedule_files"])
     return dataclasses.replace(base, **given)
+
+
+def scheduled_sweeps(sweeps, files, *, eps: float):
+    """For each tuned-schedule file, a copy of every fixed-step sweep that has its step count,
+    run on that schedule only (labelled with the file's name)."""
+    from pathlib import Path
+
+    import probflow as pf
+
+    out = []
+    for path in files:
+        try:
+            sched = pf.load_schedule(path)
+        except pf.TunedScheduleError as e:
+            raise CLIError(f"--schedule-file: {e}") from None
+        if abs(sched.ts[-1] - eps) > 1e-6 * eps:
+            raise CLIError(f"--schedule-file: {path} was tuned for eps={sched.ts[-1]:g}; pass "
+                           f"--eps {sched.ts[-1]:g}")
+        matched = [s for s in sweeps if sched.steps in s.steps]
+        if not matched:
+            raise CLIError(f"--schedule-file: {path} has {sched.steps} steps, which no "
+                           "fixed-step solver sweeps (add it to --ode-steps)")
+        out += [pf.ODESweep(label=f"{s.label}+{Path(path).stem}", solver=s.solver,
+                            steps=(sched.steps,), schedule=sched) for s in matched]
+    return out
 
 
 def build_sweeps(solvers, tolerances, step_counts, flag: str = "--solvers"):
@@ -173,6 +210,10 @@ def run_nfe_curve(loaded, ds, settings: CurveSettings, *, eps: float, seed: int,
 
     reference = model_space(ds, loaded)
     ode = build_sweeps(settings.solvers, settings.tolerances, settings.ode_steps)
+    fixed = [s for s in ode if s.steps]
+    ode += scheduled_sweeps(fixed, settings.schedule_files, eps=eps)
+    if settings.tune and not fixed:
+        raise CLIError("--tune: no fixed-step solver to tune a schedule for (--solvers)")
     lik = build_sweeps(settings.likelihood_solvers, settings.tolerances, settings.ode_steps,
                        "--likelihood-solvers") if settings.likelihood_images else []
     stoch = stochastic_sweeps(settings.stochastic, settings.sde_steps)
@@ -180,11 +221,19 @@ def run_nfe_curve(loaded, ds, settings: CurveSettings, *, eps: float, seed: int,
     count = lambda sweeps: sum(len(s.tolerances) + len(s.steps) for s in sweeps)
     total = count(ode) + sum(len(s.steps) for s in stoch)
     total += count(lik) if settings.likelihood_images else 0
+    tuned = fixed if settings.tune else []
+    total += sum(len(s.steps) for s in tuned)
     bar = progress_bar(total, desc)
 
     def tick(msg):
         bar.set_postfix_str(msg)
         bar.update(1)
+
+    # Tuned on their own latents (seed + 2), not the curve's (seed).
+    for i, sweep in enumerate(tuned):
+        ode.append(pf.tune_sweep(loaded.model, loaded.sde, sweep, shape=loaded.shape, eps=eps,
+                                 key=jax.random.fold_in(jax.random.key(seed + 2), i),
+                                 progress=tick))
 
     rows = pf.nfe_curve(
         loaded.model, loaded.sde, loaded.shape, key=jax.random.key(seed),
