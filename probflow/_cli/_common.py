@@ -276,6 +276,10 @@ PROBFLOW_SOLVERS: dict[str, tuple[str, dict]] = {
     "dpm3": ("DPMSolver", {"order": 3}),
     "dpm++2m": ("DPMSolverMultistep", {"order": 2}),
     "dpm++3m": ("DPMSolverMultistep", {"order": 3}),
+    "unipc2": ("UniPC", {"order": 2}),
+    "unipc3": ("UniPC", {"order": 3}),
+    "ipndm": ("IPNDM", {"order": 4}),
+    "deis3": ("DEIS", {"order": 3}),
 }
 DPM_SOLVERS = tuple(PROBFLOW_SOLVERS)
 SDE_NAMES = ("vp", "subvp", "ve")
@@ -283,7 +287,7 @@ SDE_NAMES = ("vp", "subvp", "ve")
 
 def make_solver(name: str, flag: str = "--solver"):
     """A solver object from its command-line name (case-insensitive diffrax class name, or one of
-    `PROBFLOW_SOLVERS`: dpm1..dpm3, dpm++2m, dpm++3m)."""
+    `PROBFLOW_SOLVERS`: dpm1..dpm3, dpm++2m, dpm++3m, unipc2, unipc3, ipndm, deis3)."""
     import diffrax
 
     import probflow as pf
