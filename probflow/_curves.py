@@ -25,8 +25,8 @@ from ._classifier import AbstractClassifier
 from ._flow import decode
 from ._likelihood import bits_per_dim
 from ._metrics import frechet_distance, sliced_wasserstein
-from ._pc import LangevinCorrector, ReverseDiffusionPredictor, sample_pc
-from ._reverse_sde import sample_sde
+from ._pc import LangevinCorrector, ReverseDiffusionPredictor
+from ._reverse_sde import sample_pc, sample_sde
 from ._sde import AbstractSDE
 from ._validate import check_positive_int
 

@@ -88,6 +88,23 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         its name); `num_steps` is the number of steps of a fixed-step solve (None when adaptive)."""
         return self._with(sde=sde, time=self.check_clock(as_clock(time)), num_steps=num_steps)
 
+    @property
+    def clocks(self) -> tuple[type[AbstractClock], ...]:
+        """t and log-SNR time (see `check_clock`)."""
+        return (LinearTime, LogSNRTime)
+
+    @property
+    def refill_clocks(self) -> tuple[type[AbstractClock], ...]:
+        """The refill scheduler steps the adaptive integrators in t."""
+        return (LinearTime,) if self.supports_adaptive else ()
+
+    @property
+    def needs_binding(self) -> bool:
+        return True
+
+    def step_schedule(self) -> AbstractStepSchedule:
+        return self.schedule
+
     def check_clock(self, clock: AbstractClock) -> AbstractClock:
         """The clocks these integrators run in: t and log-SNR time (their steps are exact in
         lambda whatever the clock; sqrt(t) adds nothing but a change of variable)."""

@@ -31,22 +31,13 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from ._divergence import AugmentedProbabilityFlowODE
-from ._dpm import AbstractExponentialIntegrator
-from ._nfe import (
-    error_order,
-    has_error_estimate,
-    raise_if_failed,
-    select_initial_step,
-    solver_costs,
-)
+from ._nfe import Costs, raise_if_failed, select_initial_step
+from ._options import ODEOptions, Refill
 from ._sde import AbstractSDE
-from ._time import AbstractClock, LinearTime
 from ._validate import check_model, error_if_nonfinite
 
 __all__ = [
-    "check_refill_solver",
     "count_refill_evaluations",
-    "default_slots",
     "refill_log_likelihood",
     "refill_solve",
 ]
@@ -62,61 +53,14 @@ class _Reversed(eqx.Module):
         return jtu.tree_map(lambda a: -a, out)
 
 
-def _is_erk(solver) -> bool:
-    return (
-        not isinstance(solver, diffrax.HalfSolver)  # isinstance sees through the wrapper
-        and isinstance(solver, diffrax.AbstractRungeKutta)
-        and isinstance(solver.tableau, diffrax.ButcherTableau)
-        and not solver.tableau.implicit
-    )
-
-
-def _fsal(solver) -> bool:
-    return _is_erk(solver) and bool(solver.tableau.fsal)
-
-
-def check_refill_solver(solver, clock: AbstractClock) -> None:
-    """ValueError unless `solver` is adaptive and its evaluations per step are known here."""
-    if _is_erk(solver):
-        if not has_error_estimate(solver):
-            raise ValueError(
-                f"slots= needs an adaptive solver; solver={type(solver).__name__} has no error "
-                "estimate (use diffrax.Tsit5(), Dopri5() or Bosh3(), or pass slots=None)"
-            )
-        return
-    if isinstance(solver, AbstractExponentialIntegrator) and solver.supports_adaptive:
-        if not isinstance(clock, LinearTime):
-            raise ValueError(
-                f"slots= runs {type(solver).__name__} in time='t' only, got time={clock.name!r} "
-                "(or pass slots=None to solve the batch in lockstep)"
-            )
-        return
-    raise ValueError(
-        f"slots= supports adaptive explicit Runge-Kutta solvers (Tsit5, Dopri5, Bosh3, ...) and "
-        f"the adaptive pf.DPMSolver(order=2|3); got solver={type(solver).__name__} (pass "
-        "slots=None to solve the batch in lockstep)"
-    )
-
-
-def count_refill_evaluations(solver, num_steps: Array) -> Array:
+def count_refill_evaluations(costs: Costs, num_steps: Array) -> Array:
     """Vector-field evaluations of one example's solve in `refill_solve` that attempted
     `num_steps` steps: 2 for the initial step size, the solver's cost at initialisation, then its
-    cost per later attempt for every attempt (`_nfe.solver_costs`), the first included: an FSAL
+    cost per later attempt for every attempt (`SolverTraits.costs`), the first included: an FSAL
     tableau's first stage is the initial selection's F(t0, y0), so no attempt pays it again."""
-    init, _, later = solver_costs(solver)
+    init, _, later = costs
     num_steps = jnp.asarray(num_steps, jnp.int32)
     return (2 + init + later * num_steps).astype(jnp.int32)
-
-
-def default_slots(example_size: int) -> int:
-    """`slots="auto"` for examples of `example_size` dimensions. On CPU the cost per example of a
-    batched evaluation stops falling at a few dozen examples, and fewer slots leave fewer idle
-    at the end: 64 slots up to 512 dimensions (8x8 digits), 32 up to 2048 (28x28 MNIST), else 16
-    (measured with benchmarks/likelihood_real.py: MNIST took 34 s with 32 slots, 40 s with 64
-    and 16). Accelerators need wide batches to be busy: 1024."""
-    if jax.default_backend() != "cpu":
-        return 1024
-    return 64 if example_size <= 512 else 32 if example_size <= 2048 else 16
 
 
 def _leaves(tree) -> Array:
@@ -146,29 +90,27 @@ def refill_solve(
     args: PyTree,
     t0: float,
     t1: float,
+    opts: ODEOptions,
     *,
-    solver: diffrax.AbstractSolver,
-    rtol,
-    atol,
-    slots: int,
-    max_steps: int,
-    clock: AbstractClock,
     sde: AbstractSDE,
 ):
     """Solve dy/dt = F_i(t, y) from t0 to t1 for N independent examples with `slots` slots.
 
     `make_vector_field(args_i)` returns example i's vector field `F_i(t, y, args)` (diffrax
-    convention, args unused); `y0` and `args` are pytrees with a leading axis N. The solve runs in
-    `clock` (`_time.py`), which maps [t0, t1] to its own variable and wraps the field; `sde` is
-    the probability-flow ODE's SDE (for the clock and the exponential integrators). Returns
+    convention, args unused); `y0` and `args` are pytrees with a leading axis N. `opts` is the
+    plan (adaptive, `scheduler=Refill(slots)` resolved): its solver, tolerances, `max_steps` and
+    `time`, the clock (`_time.py`) which maps [t0, t1] to its own variable and wraps the field;
+    `sde` is the probability-flow ODE's SDE (for the clock and the exponential integrators). Returns
     `(y1, nfe, num_steps, status)` with leading axis N; status is 1 for a finished solve, 2 for
     max_steps reached, 3 for a non-finite state.
     """
     n = jtu.tree_leaves(y0)[0].shape[0]
     dtype = jtu.tree_leaves(y0)[0].dtype
-    s = min(int(slots), n)
-
-    check_refill_solver(solver, clock)
+    scheduler = opts.scheduler
+    assert isinstance(scheduler, Refill) and isinstance(scheduler.slots, int)
+    s = min(scheduler.slots, n)
+    solver, clock, traits = opts.solver, opts.time, opts.traits
+    rtol, atol, max_steps = opts.rtol, opts.atol, opts.max_steps
     c0, c1 = clock.static_to_clock(sde, t0), clock.static_to_clock(sde, t1)
     reverse = c1 < c0  # e.g. log-SNR falls with t: solve in -c, where the clock rises
     if reverse:
@@ -178,8 +120,8 @@ def refill_solve(
         vf = clock.wrap(make_vector_field(a), sde)
         return _Reversed(vf) if reverse else vf
 
-    if isinstance(solver, AbstractExponentialIntegrator):
-        solver = solver.bind(sde, clock, None)
+    if traits.needs_binding:
+        solver = solver.bind(sde, clock, None)  # pyright: ignore[reportAttributeAccessIssue]
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     c0a, c1a = jnp.asarray(c0, dtype), jnp.asarray(c1, dtype)
     # diffrax rounds a next time within 100 ULPs of t1 to t1 (`_integrate._clip_to_end`).
@@ -187,11 +129,9 @@ def refill_solve(
     for _ in range(100):
         c1_floor = eqx.internal.prevbefore(c1_floor)
 
-    a0 = jtu.tree_map(lambda a: a[0], args)
-    term0 = diffrax.ODETerm(field(a0))
-    order = error_order(solver, term0)  # as the per-example solves give select_initial_step
-    err_order = solver.error_order(term0)  # as diffrax's loop gives the controller
-    fsal = _fsal(solver)
+    order = traits.step_order  # as the per-example solves give select_initial_step
+    err_order = traits.error_order  # as diffrax's loop gives the controller
+    fsal = traits.fsal
 
     # The first step of every example, batched (2 evaluations each).
     dt0, f0 = jax.vmap(
@@ -297,7 +237,7 @@ def refill_solve(
         )
 
     final = jax.lax.while_loop(cond, body, state)
-    nfe = count_refill_evaluations(solver, final.out_steps)
+    nfe = count_refill_evaluations(traits.costs, final.out_steps)
     return final.out_y, nfe, final.out_steps, final.out_status
 
 
@@ -305,8 +245,8 @@ def refill_solve(
 
 
 @eqx.filter_jit
-def refill_log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode, slots):
-    """`_likelihood._log_likelihood` with the examples scheduled over `slots` slots
+def refill_log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
+    """`_likelihood._log_likelihood` with the examples scheduled over the plan's slots
     (`refill_solve`).
 
     The same probes (`estimator.draw` with each example's key) and the same per-example solve,
@@ -320,10 +260,7 @@ def refill_log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_
         return AugmentedProbabilityFlowODE(model, sde, p, divergence_mode, estimator)
 
     y0 = (x, jnp.zeros((x.shape[0], estimator.num_probes), x.dtype))
-    (z, delta), nfe, num_steps, status = refill_solve(
-        make, y0, probes, eps, sde.T, solver=opts.solver, rtol=opts.rtol, atol=opts.atol,
-        slots=slots, max_steps=opts.max_steps, clock=opts.clock, sde=sde,
-    )
+    (z, delta), nfe, num_steps, status = refill_solve(make, y0, probes, eps, sde.T, opts, sde=sde)
     result = diffrax.RESULTS.where(
         jnp.any(status == 2),
         diffrax.RESULTS.max_steps_reached,

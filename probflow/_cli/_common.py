@@ -388,15 +388,18 @@ def add_data_options(p, *, data: str | None = "digits", split: str = "test",
                    help=limit_help if limit is not None else limit_help + " (default: all)")
 
 
-def add_ode_options(p, *, solver: str = "tsit5", tol: float = 1e-5, eps: float | None = 1e-3,
+def add_ode_options(p, *, tol: float | None = None, eps: float | None = 1e-3,
                     eps_help: str = "the time the ODE stops at (data end), 0 < eps < T") -> None:
-    """The probability-flow ODE's solver options: adaptive tolerances or N uniform steps."""
-    p.add_argument("--solver", default=solver, metavar="NAME",
-                   help=f"ODE solver: {', '.join(ODE_SOLVERS + DPM_SOLVERS)}")
+    """The probability-flow ODE's solver options: adaptive tolerances or N uniform steps. A flag
+    left out leaves pf.ODEOptions' default (`tol`: a command's own tolerance, e.g. `sample`'s)."""
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help=f"ODE solver: {', '.join(ODE_SOLVERS + DPM_SOLVERS)} (default: "
+                        "pf.ODEOptions', tsit5)")
+    tol_help = "pf.ODEOptions'" if tol is None else str(tol)
     p.add_argument("--rtol", type=positive_float, default=tol,
-                   help="relative tolerance of an adaptive solve")
+                   help=f"relative tolerance of an adaptive solve (default: {tol_help})")
     p.add_argument("--atol", type=positive_float, default=tol,
-                   help="absolute tolerance of an adaptive solve")
+                   help=f"absolute tolerance of an adaptive solve (default: {tol_help})")
     p.add_argument("--ode-steps", "--steps", dest="ode_steps", type=positive_int, default=None,
                    metavar="N",
                    help="N fixed solver steps instead of adaptive tolerances (default: adaptive; "
@@ -404,9 +407,25 @@ def add_ode_options(p, *, solver: str = "tsit5", tol: float = 1e-5, eps: float |
     p.add_argument("--eps", type=positive_float, default=eps, help=eps_help)
 
 
+def ode_plan(args, preset=None, **extra):
+    """The one solve plan of a command: `preset` (default `pf.ODEOptions`) given the solver
+    flags that were set (and `extra` settings); the library owns every default."""
+    import probflow as pf
+
+    given = dict(
+        solver=None if args.solver is None else make_solver(args.solver), rtol=args.rtol,
+        atol=args.atol, steps=getattr(args, "ode_steps", None), time=getattr(args, "time", None),
+        **extra,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        return (pf.ODEOptions if preset is None else preset)(**given)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def ode_kwargs(args) -> dict:
-    return dict(solver=make_solver(args.solver), rtol=args.rtol, atol=args.atol,
-                steps=args.ode_steps, eps=args.eps)
+    return dict(options=ode_plan(args), eps=args.eps)
 
 
 def add_output_options(p, *, out: str | None, suffix: str = ".png", out_help: str | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._likelihood import BPD_TOL
+from .._options import BPD_TOL
 from ._common import (
     CLIError,
     Command,
