@@ -124,6 +124,25 @@ def nfe_curve(
     `reference_data` (model space, [M, *shape]) is the held-out data for the distribution
     measures; `clip` clips samples to the data range before they are compared with data (not for
     the solver error).
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `shape`: the shape of one example.
+    - `key`: the PRNG key of the latents and the samplers' noise.
+    - `num_samples`: samples per setting.
+    - `ode_sweeps`: the `ODESweep`s (None: the default sweeps).
+    - `stochastic_sweeps`: the `StochasticSweep`s of the reverse-SDE and PC samplers (None: the default
+      sweeps).
+    - `reference_data`: held-out data [M, *shape] in model space for the distribution measures (None:
+      none).
+    - `classifier`: a clean-data classifier whose features give the Frechet distance (None: none).
+    - `eps`: the smallest time of every sampler.
+    - `reference_tol`: rtol = atol of the reference ODE solve.
+    - `reference_solver`: the reference solver (None: `diffrax.Dopri8()`).
+    - `clip`: (lo, hi) to clip samples to before comparing them with data (None: no clipping).
+    - `progress`: called with a line of text after each setting (None: silent).
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     ode_sweeps = default_ode_sweeps() if ode_sweeps is None else list(ode_sweeps)
@@ -203,7 +222,22 @@ def likelihood_curve(
 ) -> list[dict]:
     """Rows {sampler, setting, nfe_mean, nfe_max, bpd, bpd_error}: |bpd - reference bpd| per
     solver setting; the reference is `reference_solver` (default Dopri8) at `reference_tol` with
-    the same key (so the same dequantization noise and Hutchinson probes, of kind `trace`)."""
+    the same key (so the same dequantization noise and Hutchinson probes, of kind `trace`).
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x_int`: integer images [N, ...].
+    - `key`: the PRNG key (the same dequantization noise and probes for every setting).
+    - `num_bins`: the number of levels of the images.
+    - `data_range`: the model's data range.
+    - `sweeps`: the `ODESweep`s to run (None: the default sweeps).
+    - `reference_tol`: rtol = atol of the reference solve.
+    - `reference_solver`: the reference solver (None: `diffrax.Dopri8()`).
+    - `trace`: the divergence estimator, as in `log_likelihood`.
+    - `progress`: called with a line of text after each setting (None: silent).
+    """
     if sweeps is None:
         sweeps = [
             ODESweep(label="tsit5", solver=diffrax.Tsit5(), tolerances=(1e-2, 1e-3, 1e-4, 1e-5)),
@@ -237,7 +271,15 @@ def likelihood_curve(
 
 def plot_nfe_curve(rows: list[dict], path, *, likelihood_rows: list[dict] | None = None,
                    title: str = "") -> None:
-    """A PNG: each quality measure against NFE (log scale), one line per sampler."""
+    """A PNG: each quality measure against NFE (log scale), one line per sampler.
+
+    **Arguments:**
+
+    - `rows`: `nfe_curve`'s rows.
+    - `path`: the PNG file to write.
+    - `likelihood_rows`: `likelihood_curve`'s rows, plotted as one more panel (None: none).
+    - `title`: the figure's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +334,16 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
 
 def save_image_grid(path, images, *, data_range=(0.0, 1.0), ncol: int | None = None,
                     scale: int = 4) -> None:
-    """Write a batch of images [N, H, W, C] (model space) as one PNG grid."""
+    """Write a batch of images [N, H, W, C] (model space) as one PNG grid.
+
+    **Arguments:**
+
+    - `path`: the PNG file to write.
+    - `images`: a batch [N, H, W, C] in model space.
+    - `data_range`: the model's data range, mapped to [0, 255].
+    - `ncol`: images per row (None: about sqrt(N)).
+    - `scale`: pixels per image pixel.
+    """
     from PIL import Image
 
     x = np.asarray(images, np.float64)

@@ -124,6 +124,14 @@ def initialize_distributed(
     Open MPI, Kubernetes, Cloud TPU). On CPU the collectives go over gloo. A process that stops
     sending heartbeats for `heartbeat_timeout_seconds` makes the others fail instead of hang.
     Call it before anything else touches JAX's devices.
+
+    **Arguments:**
+
+    - `coordinator`: "HOST:PORT" of process 0 (None: detected from the cluster's environment).
+    - `num_processes`: the number of processes (with `coordinator`).
+    - `process_id`: this process's index (with `coordinator`).
+    - `heartbeat_timeout_seconds`: how long a silent process may stay silent before the others fail.
+    - `initialization_timeout`: seconds to wait for every process to join.
     """
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
@@ -167,6 +175,16 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     batches with no communication (the adaptive per-example solves are independent); one
     all-gather at the end returns every example's `BitsPerDimResult` fields, in order, on every
     process. With one process it is the plain batched loop.
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x_int`: integer images [N, ...].
+    - `key`: the PRNG key; batch b uses `fold_in(key, b * batch_size)`.
+    - `batch_size`: images per call of `bits_per_dim`.
+    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the solve
+      keywords).
     """
     from ._likelihood import bits_per_dim
 

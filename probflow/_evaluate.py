@@ -60,6 +60,18 @@ def evaluate_bits_per_dim(
     (`num_bins`, `data_range`, `trace`, solver options). The standard error of
     `summary.mean` holds the spread between images and both noises; with more repeats and probes
     only the noises' share falls (as 1/sqrt(repeats) and 1/sqrt(repeats * num_probes)).
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x_int`: integer images [N, ...].
+    - `key`: the PRNG key (fresh dequantization noise and probes per repeat).
+    - `num_probes`: Hutchinson probes per image.
+    - `repeats`: fresh dequantizations of the whole set.
+    - `batch_size`: images per call of `bits_per_dim` (None: all at once).
+    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the solve
+      keywords).
     """
     repeats = check_positive_int(repeats, "repeats")
     num_probes = check_positive_int(num_probes, "num_probes")

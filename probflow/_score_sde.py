@@ -507,6 +507,13 @@ def load_score_sde(path: str | os.PathLike, config, *, ema: bool = True):
     model/data/training fields (`score_sde_config(name)` gives one to edit). `ema=False` takes
     the raw (non-averaged) weights instead. The model's `data_range` is (-1, 1) for configs that
     centre the data, else (0, 1); bits_per_dim takes `data_range=model.data_range` and 256 bins.
+
+    **Arguments:**
+
+    - `path`: a score_sde_pytorch `.pth` or a score_sde flax checkpoint file.
+    - `config`: the paper's config name (e.g. "vp/cifar10_ddpmpp_continuous") or a mapping of its
+      fields.
+    - `ema`: the EMA weights (True, the paper's evaluation) or the raw ones.
     """
     path = Path(path)
     if not path.is_file():
