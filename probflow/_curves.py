@@ -133,10 +133,10 @@ def nfe_curve(
     - `key`: the PRNG key of the latents and the samplers' noise.
     - `num_samples`: samples per setting.
     - `ode_sweeps`: the `ODESweep`s (None: the default sweeps).
-    - `stochastic_sweeps`: the `StochasticSweep`s of the reverse-SDE and PC samplers (None: the default
-      sweeps).
-    - `reference_data`: held-out data [M, *shape] in model space for the distribution measures (None:
-      none).
+    - `stochastic_sweeps`: the `StochasticSweep`s of the reverse-SDE and PC samplers (None: the
+      default sweeps).
+    - `reference_data`: held-out data [M, *shape] in model space for the distribution measures
+      (None: none).
     - `classifier`: a clean-data classifier whose features give the Frechet distance (None: none).
     - `eps`: the smallest time of every sampler.
     - `reference_tol`: rtol = atol of the reference ODE solve.

@@ -183,8 +183,8 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     - `x_int`: integer images [N, ...].
     - `key`: the PRNG key; batch b uses `fold_in(key, b * batch_size)`.
     - `batch_size`: images per call of `bits_per_dim`.
-    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the solve
-      keywords).
+    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the
+      solve keywords).
     """
     from ._likelihood import bits_per_dim
 

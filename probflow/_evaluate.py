@@ -70,8 +70,8 @@ def evaluate_bits_per_dim(
     - `num_probes`: Hutchinson probes per image.
     - `repeats`: fresh dequantizations of the whole set.
     - `batch_size`: images per call of `bits_per_dim` (None: all at once).
-    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the solve
-      keywords).
+    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the
+      solve keywords).
     """
     repeats = check_positive_int(repeats, "repeats")
     num_probes = check_positive_int(num_probes, "num_probes")

@@ -140,7 +140,8 @@ def test_nfe_against_host_counter(mixture_problem, solver):
         _, _, later = solver_costs(solver)
         init = solver_costs(solver)[0]
         assert n == 2 + init + later * iterations(steps, slots)
-        np.testing.assert_array_equal(nfe, np.asarray(count_refill_evaluations(solver_costs(solver), steps)))
+        counted = count_refill_evaluations(solver_costs(solver), steps)
+        np.testing.assert_array_equal(nfe, np.asarray(counted))
 
 
 def test_failures_are_reported(mixture_problem):

@@ -226,9 +226,9 @@ def make_solver(name: str, flag: str = "--solver"):
 
 def make_sde(name: str):
     """The SDE named on the command line (`--sde vp|subvp|ve`), with the paper's parameters."""
-    # The short names are those of the paper's configs; `_paper_configs.sde_from_name` is the
+    # The short names are those of the training presets; `_train_presets.sde_from_name` is the
     # one map from them to classes.
-    from .._paper_configs import sde_from_name
+    from .._train_presets import sde_from_name
 
     try:
         return sde_from_name(name)
