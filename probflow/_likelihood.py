@@ -27,8 +27,9 @@ from ._divergence import (
     make_trace_estimator,
 )
 from ._flow import _check_flow_inputs, solve_flow
+from ._nfe import raise_if_failed
 from ._options import ODEOptions, Refill, as_scheduler, ode_options
-from ._refill import refill_log_likelihood
+from ._refill import refill_solve
 from ._results import BitsPerDimResult, LikelihoodResult
 from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
@@ -41,21 +42,50 @@ _DIVERGENCE_MODES = DIVERGENCE_MODES
 # --------------------------------------------------------------------------- likelihoods
 
 
+class _LikelihoodIntegrand(eqx.Module):
+    """The likelihood's integrand, written once for both schedulers: the augmented ODE
+    (x, delta) of one example with its probes, its start and its log-density (appendix D)."""
+
+    model: Callable
+    sde: AbstractSDE
+    estimator: AbstractTraceEstimator
+    divergence_mode: str = eqx.field(static=True)
+
+    def start(self, x, key):
+        """(y0, probes) of one example: the probes are drawn once, fixed for the whole solve."""
+        probes = self.estimator.draw(key, x.shape, x.dtype)
+        # One divergence integral per probe, all from the same linearisations of the model.
+        return (x, jnp.zeros((self.estimator.num_probes,), x.dtype)), probes
+
+    def vector_field(self, probes):
+        return AugmentedProbabilityFlowODE(
+            self.model, self.sde, probes, self.divergence_mode, self.estimator
+        )
+
+    def log_density(self, y1):
+        """log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D), one per probe."""
+        z, delta = y1
+        return self.sde.prior_logp(z) + delta
+
+
 @eqx.filter_jit
 def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
+    """Every example's (logp per probe, z, nfe, num_steps), solved in lockstep (a vmapped
+    `solve_flow`) or refilled (`refill_solve`) as the plan's scheduler says."""
     check_model(model, x.shape[1:], x.dtype)
     x = error_if_nonfinite(x, "x")
-
-    def one(xi, key):
-        probes = estimator.draw(key, xi.shape, xi.dtype)
-        vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode, estimator)
-        # One divergence integral per probe, all from the same linearisations of the model.
-        y0 = (xi, jnp.zeros((estimator.num_probes,), xi.dtype))
-        (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts, sde=sde)
-        # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D)
-        return sde.prior_logp(z) + delta, z, nfe, num_steps
-
-    return jax.vmap(one)(x, keys)
+    integrand = _LikelihoodIntegrand(model, sde, estimator, divergence_mode)
+    y0, probes = jax.vmap(integrand.start)(x, keys)
+    if isinstance(opts.scheduler, Refill):
+        y1, nfe, num_steps, result = refill_solve(
+            integrand.vector_field, y0, probes, eps, sde.T, opts, sde=sde
+        )
+        y1 = raise_if_failed(y1, result, opts.max_steps, "ODE")
+    else:
+        y1, nfe, num_steps = jax.vmap(
+            lambda y, p: solve_flow(integrand.vector_field(p), y, eps, sde.T, opts, sde=sde)
+        )(y0, probes)
+    return jax.vmap(integrand.log_density)(y1), y1[0], nfe, num_steps
 
 
 def _check_likelihood_options(trace, num_probes, key, divergence_mode, control_variate, x):
@@ -145,14 +175,9 @@ def log_likelihood(
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
     keys = jax.random.split(key, x.shape[0])
-    if isinstance(opts.scheduler, Refill):
-        logp_probes, z, nfe, num_steps = refill_log_likelihood(
-            model, sde, x, keys, eps, opts, estimator, divergence_mode
-        )
-    else:
-        logp_probes, z, nfe, num_steps = _log_likelihood(
-            model, sde, x, keys, eps, opts, estimator, divergence_mode
-        )
+    logp_probes, z, nfe, num_steps = _log_likelihood(
+        model, sde, x, keys, eps, opts, estimator, divergence_mode
+    )
     return LikelihoodResult(
         logp=jnp.mean(logp_probes, axis=1), z=z, nfe=nfe, num_steps=num_steps,
         logp_probes=logp_probes, exact_trace=isinstance(estimator, ExactTrace),

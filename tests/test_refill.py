@@ -37,7 +37,10 @@ def _solve(model, sde, x, probes, slots, solver, tol, time="t", max_steps=4096):
     make = lambda p: pf.AugmentedProbabilityFlowODE(model, sde, p)
     opts = pf.ODEOptions(solver=solver, rtol=tol, atol=tol, max_steps=max_steps,
                          time=CLOCKS[time], scheduler=pf.Refill(slots))
-    (z, delta), nfe, steps, status = refill_solve(make, y0, probes, EPS, sde.T, opts, sde=sde)
+    (z, delta), nfe, steps, result = refill_solve(make, y0, probes, EPS, sde.T, opts, sde=sde)
+    # diffrax's result codes, as small ints: 1 finished, 2 max_steps reached, 3 anything else.
+    status = jnp.where(result == diffrax.RESULTS.successful, 1,
+                       jnp.where(result == diffrax.RESULTS.max_steps_reached, 2, 3))
     return jax.vmap(sde.prior_logp)(z) + delta, nfe, steps, status
 
 
