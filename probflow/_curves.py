@@ -313,7 +313,7 @@ def plot_nfe_curve(rows: list[dict], path, *, likelihood_rows: list[dict] | None
     plt.close(fig)
 
 
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+def format_rows(rows: list[dict], columns: Sequence[str]) -> str:
     """A plain-text table of `rows` with the given columns (None shows as '-')."""
 
     def fmt(v):

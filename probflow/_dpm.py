@@ -195,8 +195,9 @@ def _phi1(h):
 class DPMSolver(AbstractExponentialIntegrator):
     """DPM-Solver-1/2/3 (Lu et al. 2022): single-step, noise prediction; `order` evaluations a step.
 
-    `steps=N` steps on `schedule` ("quadratic", the default: uniform in sqrt(t), the fewest NFE in
-    our measurements; "log_snr": uniform in lambda, the paper's choice; "time"). With
+    `steps=N` steps on `schedule` ("sqrt_t", the default: uniform in sqrt(t), the fewest NFE in
+    our measurements; "log_snr": uniform in lambda, the paper's choice; "t"; or a step
+    schedule object; the DPM-Solver code's names "quadratic" and "time" are kept as aliases). With
     `steps=None`, orders 2 and 3 are adaptive: DPM-Solver-12 and -23 (Lu et al. 2022, section 4
     and appendix C), the error being the difference with the embedded lower-order solution,
     controlled by rtol/atol.
@@ -209,7 +210,7 @@ class DPMSolver(AbstractExponentialIntegrator):
     num_steps: int | None
 
     def __init__(
-        self, order: int = 2, schedule="quadratic", *, sde=None, time="t", num_steps=None
+        self, order: int = 2, schedule="sqrt_t", *, sde=None, time="t", num_steps=None
     ):
         self.solver_order = order
         self.schedule = as_schedule(_not_none(schedule))
@@ -299,7 +300,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     """DPM-Solver++(2M)/(3M) (Lu et al. 2022b): multistep, data prediction; one evaluation a step.
 
     The first steps use the orders their history allows (1, then 2). Fixed steps only
-    (`steps=N`), on `schedule` ("quadratic", the default, "time" or "log_snr").
+    (`steps=N`), on `schedule` ("sqrt_t", the default, "t" or "log_snr", as `DPMSolver`).
     """
 
     solver_order: int
@@ -312,7 +313,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     def __init__(
         self,
         order: int = 2,
-        schedule="quadratic",
+        schedule="sqrt_t",
         lower_order_final: bool = True,
         *,
         sde=None,

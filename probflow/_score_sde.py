@@ -132,7 +132,7 @@ def network_kwargs(config) -> dict:
     return kw
 
 
-def make_sde(config) -> AbstractSDE:
+def sde_from_config(config) -> AbstractSDE:
     """The SDE of a paper config (training.sde with its model.beta_* / sigma_* fields)."""
     label, cfg = _resolve_config(config)
     sde = _field(cfg, "training", "sde")
@@ -520,7 +520,7 @@ def load_score_sde(path: str | os.PathLike, config, *, ema: bool = True):
         raise ScoreSDEImportError(f"{path}: no such file")
     label = config if isinstance(config, str) else "(mapping)"
     kw = network_kwargs(config)
-    sde = make_sde(config)
+    sde = sde_from_config(config)
     shape = kw.pop("shape")
     try:
         skeleton = eqx.filter_eval_shape(NCSNpp, shape, **kw, key=jax.random.key(0))

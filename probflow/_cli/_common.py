@@ -107,15 +107,15 @@ def names(text: str) -> tuple[str, ...]:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table of list rows under `headers`, in the one table format that probflow
-    prints (`probflow._curves.format_table`: floats to 4 significant digits, None as '-')."""
-    from .._curves import format_table as format_dict_rows
+    prints (`probflow._curves.format_rows`: floats to 4 significant digits, None as '-')."""
+    from .._curves import format_rows
 
-    return format_dict_rows([dict(zip(headers, row, strict=True)) for row in rows], headers)
+    return format_rows([dict(zip(headers, row, strict=True)) for row in rows], headers)
 
 
 def format_rows(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """The same table of dict rows (e.g. those of `pf.nfe_curve`) with the given columns."""
-    from .._curves import format_table as format_dict_rows
+    from .._curves import format_rows as format_dict_rows
 
     return format_dict_rows(list(rows), list(columns))
 
