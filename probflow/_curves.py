@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import diffrax
 import jax
@@ -170,7 +171,9 @@ def nfe_curve(
         for kind, value in settings:
             if progress is not None:
                 progress(f"{sweep.label} {kind}={value}")
-            opts = dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            opts: dict[str, Any] = (
+                dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            )
             start = time.perf_counter()
             r = decode(model, sde, z, eps=eps, solver=sweep.solver, **opts)
             jax.block_until_ready(r.x)
@@ -244,7 +247,7 @@ def likelihood_curve(
             ODESweep(label="dopri5", solver=diffrax.Dopri5(), tolerances=(1e-3, 1e-4, 1e-5)),
             ODESweep(label="heun", solver=diffrax.Heun(), steps=(20, 50, 100)),
         ]
-    common = dict(key=key, num_bins=num_bins, data_range=data_range, trace=trace)
+    common: dict[str, Any] = dict(key=key, num_bins=num_bins, data_range=data_range, trace=trace)
     ref_solver = diffrax.Dopri8() if reference_solver is None else reference_solver
     ref = bits_per_dim(
         model, sde, x_int, solver=ref_solver, rtol=reference_tol, atol=reference_tol, **common,
@@ -258,7 +261,9 @@ def likelihood_curve(
         for kind, value in settings:
             if progress is not None:
                 progress(f"likelihood {sweep.label} {kind}={value}")
-            opts = dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            opts: dict[str, Any] = (
+                dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            )
             r = bits_per_dim(model, sde, x_int, solver=sweep.solver, **opts, **common)
             rows.append({
                 "sampler": f"ode-{sweep.label}", "setting": f"{kind}={value:g}",
@@ -292,7 +297,7 @@ def plot_nfe_curve(rows: list[dict], path, *, likelihood_rows: list[dict] | None
     for ax, measure in zip(axes[0], panels):
         source = likelihood_rows if measure == "bpd_error" else rows
         groups: dict[str, list] = {}
-        for r in source:
+        for r in source or []:
             if r["nfe_mean"] is None or r.get(measure) is None or r["sampler"].startswith("ref"):
                 continue
             groups.setdefault(r["sampler"], []).append((r["nfe_mean"], r[measure]))

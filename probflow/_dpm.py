@@ -54,15 +54,17 @@ from ._time import SqrtTimeODE as SqrtTimeODE
 log_snr_of = static_log_snr
 
 
-def _not_none(schedule):
-    if schedule is None:
+def _schedule(schedule) -> AbstractStepSchedule:
+    """The step schedule of a `schedule=` argument (None is not one)."""
+    out = as_schedule(schedule)
+    if out is None:
         raise ValueError("schedule must be one of the schedule names or a step schedule, got None")
-    return schedule
+    return out
 
 
 def schedule_times(schedule, sde: AbstractSDE, t0: float, t1: float, steps: int, dtype) -> Array:
     """steps + 1 times from t0 to t1 (either direction) on `schedule` (see `_time.as_schedule`)."""
-    return as_schedule(schedule).times(sde, t0, t1, steps, dtype)
+    return _schedule(schedule).times(sde, t0, t1, steps, dtype)
 
 
 # --------------------------------------------------------------------------- the integrators
@@ -210,10 +212,16 @@ class DPMSolver(AbstractExponentialIntegrator):
     num_steps: int | None
 
     def __init__(
-        self, order: int = 2, schedule="sqrt_t", *, sde=None, time="t", num_steps=None
+        self,
+        order: int = 2,
+        schedule: str | AbstractStepSchedule = "sqrt_t",
+        *,
+        sde=None,
+        time="t",
+        num_steps=None,
     ):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = _schedule(schedule)
         self.sde = sde
         self.time = as_clock(time)
         self.num_steps = num_steps
@@ -313,7 +321,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     def __init__(
         self,
         order: int = 2,
-        schedule="sqrt_t",
+        schedule: str | AbstractStepSchedule = "sqrt_t",
         lower_order_final: bool = True,
         *,
         sde=None,
@@ -321,7 +329,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
         num_steps=None,
     ):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = _schedule(schedule)
         self.lower_order_final = lower_order_final
         self.sde = sde
         self.time = as_clock(time)

@@ -71,7 +71,7 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     solver = opts.solver
     clock = opts.time
     ts = None
-    if opts.schedule is not None:
+    if opts.schedule is not None and opts.steps is not None:  # a fixed-step plan has both
         ts = opts.schedule.clock_times(sde, clock, t0, t1, opts.steps, dtype)
     # Solve in the clock c: dy/dc = F(t(c), y) dt/dc (see _time.py).
     vector_field = clock.wrap(vector_field, sde)
@@ -81,7 +81,7 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
         # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
-        controller = FirstStepCountingController(
+        controller = FirstStepCountingController(  # pyright: ignore[reportCallIssue]
             diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
         )
         dt0, _ = select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol,

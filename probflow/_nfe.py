@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any, cast
 
 import diffrax
 import equinox as eqx
@@ -230,7 +231,8 @@ def solver_traits(solver, *, sde: bool = False) -> SolverTraits:
         )
     costs, adaptive = _ode_costs_and_adaptive(solver)
     tableau = _explicit_tableau(solver)
-    error_order = solver.error_order(diffrax.ODETerm(_identity_field))
+    order = cast(Any, solver).error_order(diffrax.ODETerm(_identity_field))
+    error_order = None if order is None else float(order)
     if isinstance(solver, AbstractCountedSolver):
         clocks, refill, binds = solver.clocks, solver.refill_clocks, solver.needs_binding
     else:
@@ -356,7 +358,8 @@ class FirstStepCountingController(diffrax.AbstractAdaptiveStepSizeController):
         return self.controller.norm
 
     def wrap(self, direction):
-        return FirstStepCountingController(self.controller.wrap(direction))
+        inner = self.controller.wrap(direction)
+        return FirstStepCountingController(inner)  # pyright: ignore[reportCallIssue]
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         tnext, state = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)

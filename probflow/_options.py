@@ -14,6 +14,7 @@ compilation; solvers, step counts, clocks, schedules and the scheduler are stati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -136,13 +137,13 @@ def _check_tolerance(value, name: str) -> Array:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
-    if not isinstance(value, jax.core.Tracer):
+    try:
         v = float(value)
-        if not (np.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {v}")
-        if not isinstance(value, (np.ndarray, jax.Array)):
-            value = v
-    return jnp.asarray(value)
+    except jax.errors.ConcretizationTypeError:  # traced (a plan built inside jit): unchecked
+        return jnp.asarray(value)
+    if not (np.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return jnp.asarray(value if isinstance(value, (np.ndarray, jax.Array)) else v)
 
 
 def _check_steps(steps, max_steps) -> None:
@@ -326,7 +327,9 @@ def _both(given) -> ValueError:
     )
 
 
-def ode_options(options, preset=ODEOptions, **keywords: Any) -> ODEOptions:
+def ode_options(
+    options, preset: Callable[..., ODEOptions] = ODEOptions, **keywords: Any
+) -> ODEOptions:
     """The edge: the plan of one call, `options` or one built by `preset` from the solve
     keywords that were given (None: not given). Both at once is a one-line ValueError."""
     given = _given(keywords)
@@ -447,7 +450,7 @@ _NONE_MEANS_SOMETHING = ("steps", "corrector")
 def sde_options(options, **keywords: Any) -> SDEOptions:
     """The edge for the stochastic samplers: `options`, or the plan built from the keywords that
     were given (None, or `UNSET` for `corrector`: not given)."""
-    given = {
+    given: dict[str, Any] = {
         k: v for k, v in keywords.items()
         if v is not UNSET and (v is not None or k in _NONE_MEANS_SOMETHING)
     }

@@ -121,7 +121,8 @@ class _Stepper(eqx.Module):
         else:
             solver_state = self.solver.init(term, self.c0, tnext, y, None)
         _, controller_state = self.controller.init(
-            term, self.c0, tnext, y, dt, None, None, self.opts.traits.error_order
+            term, self.c0, tnext, y, dt, None, None,  # pyright: ignore[reportArgumentType]
+            self.opts.traits.error_order,
         )
         return tnext, solver_state, jtu.tree_map(jnp.asarray, controller_state)
 
@@ -133,7 +134,9 @@ class _Stepper(eqx.Module):
         )
         y_error = jtu.tree_map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), y_error)
         keep, new_tprev, new_tnext, _, new_cstate, _ = self.controller.adapt_step_size(
-            tprev, tnext, y, y1, None, y_error, self.opts.traits.error_order, controller_state
+            tprev, tnext, y, y1, None, y_error,
+            self.opts.traits.error_order,  # pyright: ignore[reportArgumentType]  (adaptive)
+            controller_state,
         )
         new_cstate = jtu.tree_map(jnp.asarray, new_cstate)
         new_tprev = jnp.minimum(new_tprev, self.c1)
@@ -211,12 +214,15 @@ def _refill(st: _Slots, stepped, stepper: _Stepper, y0, args, dt0, f0) -> _Slots
 
 def _results(status: Array) -> diffrax.RESULTS:
     """diffrax's result code of each example from its final status."""
+    nonfinite = diffrax.RESULTS.where(
+        status == _NONFINITE,
+        diffrax.RESULTS.breakdown,  # pyright: ignore[reportArgumentType]
+        diffrax.RESULTS.successful,  # pyright: ignore[reportArgumentType]
+    )
     return diffrax.RESULTS.where(
         status == _MAX_STEPS,
-        diffrax.RESULTS.max_steps_reached,
-        diffrax.RESULTS.where(
-            status == _NONFINITE, diffrax.RESULTS.breakdown, diffrax.RESULTS.successful
-        ),
+        diffrax.RESULTS.max_steps_reached,  # pyright: ignore[reportArgumentType]
+        nonfinite,
     )
 
 

@@ -93,7 +93,7 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
     """One example of the reverse SDE from T to eps; returns (x_eps, nfe, num_steps)."""
     dtype = x_T.dtype
     s_end = float(sde.T) - float(eps)  # reversed time s = T - t runs from 0 to T - eps
-    if opts.adaptive:
+    if opts.steps is None:  # adaptive
         controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
         dt0 = jnp.asarray(s_end / 64, dtype)
         tol = s_end * 2.0**-16
@@ -123,7 +123,7 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
         max_steps=opts.max_steps,
         throw=False,
     )
-    x = sol.ys[-1]
+    x = sol.ys[-1]  # pyright: ignore[reportOptionalSubscript]  (SaveAt(t1=True))
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     # No SDE solver here is FSAL: every attempt costs the same (one attempt per "first step").
     nfe = evaluations(opts.traits.costs, num_steps, 1, adaptive=False)

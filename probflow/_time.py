@@ -34,7 +34,7 @@ def static_log_snr(sde: AbstractSDE, t: float) -> float:
     """lambda(t) as a Python float (a solve's end points are static)."""
     with jax.ensure_compile_time_eval():
         return float(
-            sde.log_snr(jnp.asarray(t, jnp.float64 if jax.config.jax_enable_x64 else None))
+            sde.log_snr(jnp.asarray(t, jnp.result_type(float)))  # float64 with jax_enable_x64
         )
 
 
@@ -79,11 +79,11 @@ class AbstractClock(eqx.Module):
     name: eqx.AbstractClassVar[str]  # the public string for this clock
 
     @abc.abstractmethod
-    def to_clock(self, sde: AbstractSDE, t):
+    def to_clock(self, sde: AbstractSDE, t) -> Array:
         """c(t) (arrays)."""
 
     @abc.abstractmethod
-    def to_time(self, sde: AbstractSDE, c):
+    def to_time(self, sde: AbstractSDE, c) -> Array:
         """t(c) (arrays)."""
 
     @abc.abstractmethod
@@ -91,7 +91,7 @@ class AbstractClock(eqx.Module):
         """c(t) for a static end point, as a Python float."""
 
     @abc.abstractmethod
-    def dt_dc(self, sde: AbstractSDE, t):
+    def dt_dc(self, sde: AbstractSDE, t) -> Array:
         """dt/dc at time t."""
 
     @abc.abstractmethod

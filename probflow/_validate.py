@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from typing import Literal, overload
 
 import equinox as eqx
 import jax
@@ -40,6 +41,14 @@ def check_eps(eps, sde: AbstractSDE, name: str = "eps") -> float:
             "and 1e-5 for likelihoods"
         )
     return eps
+
+
+@overload
+def check_positive_int(value, name: str, *, allow_none: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_positive_int(value, name: str, *, allow_none: bool) -> int | None: ...
 
 
 def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:

@@ -412,7 +412,7 @@ def ode_plan(args, preset=None, **extra):
     flags that were set (and `extra` settings); the library owns every default."""
     import probflow as pf
 
-    given = dict(
+    given: dict[str, Any] = dict(
         solver=None if args.solver is None else make_solver(args.solver), rtol=args.rtol,
         atol=args.atol, steps=getattr(args, "ode_steps", None), time=getattr(args, "time", None),
         **extra,
