@@ -212,8 +212,8 @@ def _refill(st: _Slots, stepped, stepper: _Stepper, y0, args, dt0, f0) -> _Slots
     )
 
 
-def _results(status: Array) -> diffrax.RESULTS:
-    """diffrax's result code of each example from its final status."""
+def _result(status: Array) -> diffrax.RESULTS:
+    """diffrax's result code of one example from its final status."""
     nonfinite = diffrax.RESULTS.where(
         status == _NONFINITE,
         diffrax.RESULTS.breakdown,  # pyright: ignore[reportArgumentType]
@@ -283,4 +283,4 @@ def refill_solve(
 
     final = jax.lax.while_loop(lambda st: jnp.any(st.index < n), body, state)
     nfe = count_refill_evaluations(opts.traits.costs, final.out_steps)
-    return final.out_y, nfe, final.out_steps, _results(final.out_status)
+    return final.out_y, nfe, final.out_steps, jax.vmap(_result)(final.out_status)
