@@ -238,3 +238,20 @@ def test_solver_traits_follow_the_tableaus():
     assert multistep.costs == (0, 1, 1) and not multistep.adaptive
     assert not multistep.refillable
     assert pf.SDEOptions(solver=diffrax.SRA1(), steps=None).traits.costs == (0, 2, 2)
+
+
+def test_cli_builds_its_plan_from_the_library_presets():
+    import argparse
+
+    from probflow._cli._common import ode_plan
+
+    flags = argparse.Namespace(solver=None, rtol=None, atol=None, ode_steps=None, time=None)
+    assert ode_plan(flags) == pf.ODEOptions()
+    sde = pf.SubVPSDE()
+    bpd = lambda **given: pf.ODEOptions.bits_per_dim(sde, **given)
+    assert ode_plan(flags, bpd) == pf.ODEOptions.bits_per_dim(sde)
+    assert ode_plan(flags, pf.ODEOptions.sampling) == pf.ODEOptions.sampling()
+    set_ = argparse.Namespace(solver="dopri5", rtol=1e-5, atol=1e-5, ode_steps=None, time="t")
+    paper = ode_plan(set_, bpd, scheduler=pf.Lockstep())
+    assert paper.solver == pf.ODEOptions.paper().solver and paper.time == pf.LinearTime()
+    assert paper.scheduler == pf.Lockstep() and float(paper.rtol) == pytest.approx(1e-5)

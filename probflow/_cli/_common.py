@@ -388,18 +388,17 @@ def add_data_options(p, *, data: str | None = "digits", split: str = "test",
                    help=limit_help if limit is not None else limit_help + " (default: all)")
 
 
-def add_ode_options(p, *, tol: float | None = None, eps: float | None = 1e-3,
+def add_ode_options(p, *, preset: str = "pf.ODEOptions'", eps: float | None = 1e-3,
                     eps_help: str = "the time the ODE stops at (data end), 0 < eps < T") -> None:
     """The probability-flow ODE's solver options: adaptive tolerances or N uniform steps. A flag
-    left out leaves pf.ODEOptions' default (`tol`: a command's own tolerance, e.g. `sample`'s)."""
+    left out leaves the library's default (`preset` names the plan the command starts from)."""
     p.add_argument("--solver", default=None, metavar="NAME",
                    help=f"ODE solver: {', '.join(ODE_SOLVERS + DPM_SOLVERS)} (default: "
-                        "pf.ODEOptions', tsit5)")
-    tol_help = "pf.ODEOptions'" if tol is None else str(tol)
-    p.add_argument("--rtol", type=positive_float, default=tol,
-                   help=f"relative tolerance of an adaptive solve (default: {tol_help})")
-    p.add_argument("--atol", type=positive_float, default=tol,
-                   help=f"absolute tolerance of an adaptive solve (default: {tol_help})")
+                        f"{preset}, tsit5)")
+    p.add_argument("--rtol", type=positive_float, default=None,
+                   help=f"relative tolerance of an adaptive solve (default: {preset})")
+    p.add_argument("--atol", type=positive_float, default=None,
+                   help=f"absolute tolerance of an adaptive solve (default: {preset})")
     p.add_argument("--ode-steps", "--steps", dest="ode_steps", type=positive_int, default=None,
                    metavar="N",
                    help="N fixed solver steps instead of adaptive tolerances (default: adaptive; "
@@ -424,8 +423,8 @@ def ode_plan(args, preset=None, **extra):
         raise CLIError(str(e)) from None
 
 
-def ode_kwargs(args) -> dict:
-    return dict(options=ode_plan(args), eps=args.eps)
+def ode_kwargs(args, preset=None) -> dict:
+    return dict(options=ode_plan(args, preset), eps=args.eps)
 
 
 def add_output_options(p, *, out: str | None, suffix: str = ".png", out_help: str | None = None,

@@ -42,7 +42,7 @@ def _add_sample(p) -> None:
                         "corrector (reverse diffusion + Langevin)")
     p.add_argument("--num", type=positive_int, default=64, help="number of samples")
     g = p.add_argument_group("ODE sampler")
-    add_ode_options(g, tol=1e-3,
+    add_ode_options(g, preset="pf.ODEOptions.sampling()'s",
                     eps_help="the time every sampler stops at (data end), 0 < eps < T")
     g = p.add_argument_group("SDE and PC samplers")
     g.add_argument("--sde-steps", type=positive_int, default=500, metavar="N",
@@ -60,7 +60,8 @@ def draw_samples(loaded, args, key):
 
     model, sde, shape = loaded.model, loaded.sde, loaded.shape
     if args.sampler == "ode":
-        return pf.sample_ode(model, sde, args.num, shape, key=key, **ode_kwargs(args))
+        return pf.sample_ode(model, sde, args.num, shape, key=key,
+                             **ode_kwargs(args, pf.ODEOptions.sampling))
     if args.sampler == "sde":
         return pf.sample_sde(model, sde, args.num, shape, key=key, steps=args.sde_steps,
                              eps=args.eps)
