@@ -435,7 +435,7 @@ def _load(blob: bytes, path, kind: str, base: type):
     except _Invalid as e:
         raise CheckpointError(f"checkpoint header is invalid ({e}): {path}") from None
     hp = rec["hyperparameters"]
-    kwargs = dict(_tuples(hp), key=jax.random.key(0))
+    kwargs: dict[str, Any] = dict(_tuples(hp), key=jax.random.key(0))
     if sde is not None:
         kwargs["sde"] = sde
     try:
