@@ -370,5 +370,5 @@ def save_image_grid(path, images, *, data_range=(0.0, 1.0), ncol: int | None = N
     img = (grid * 255).round().astype(np.uint8)
     img = img[..., 0] if c == 1 else img
     pil = Image.fromarray(img)
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     pil.save(path)

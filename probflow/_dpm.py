@@ -29,7 +29,7 @@ lambda of the same order on the same evaluations.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import diffrax
 import jax
@@ -80,6 +80,15 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
 
     term_structure: ClassVar = diffrax.AbstractTerm
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
+
+    if TYPE_CHECKING:  # the subclasses' fields (eqx cannot take string AbstractVars here)
+        solver_order: int
+        schedule: AbstractStepSchedule
+        sde: AbstractSDE | None
+        time: AbstractClock
+        num_steps: int | None
+
+        def _with(self, **kw) -> AbstractExponentialIntegrator: ...
 
     def order(self, terms):
         """The order of the solution; with steps=None also that of the error estimate."""

@@ -265,8 +265,9 @@ def bits_per_dim(
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
-    if not hasattr(x_int, "dtype") or not jnp.issubdtype(x_int.dtype, jnp.integer):
-        got = getattr(x_int, "dtype", type(x_int))
+    dtype_in = getattr(x_int, "dtype", None)
+    if dtype_in is None or not jnp.issubdtype(dtype_in, jnp.integer):
+        got = type(x_int) if dtype_in is None else dtype_in
         raise ValueError(
             f"x_int must be an integer array (pixel levels in [0, num_bins)), got {got}; "
             "pass the raw integer data, not values already scaled to the model's range"

@@ -303,7 +303,8 @@ class ODEOptions(eqx.Module):
         """Samples to look at (`probflow sample`, the demo): `diffrax.Tsit5()` at rtol = atol =
         1e-3 in t, whose solver error is far below what a picture shows, at a fraction of the
         evaluations of 1e-5 (docs/cli.md)."""
-        return cls(**(dict(solver=diffrax.Tsit5(), rtol=1e-3, atol=1e-3) | overrides))
+        kw: dict[str, Any] = dict(solver=diffrax.Tsit5(), rtol=1e-3, atol=1e-3)
+        return cls(**(kw | overrides))
 
     @classmethod
     def bits_per_dim(cls, sde: AbstractSDE, **overrides: Any) -> ODEOptions:

@@ -366,7 +366,7 @@ def solve_pc(
         max_steps=steps,
         throw=False,
     )
-    x = sol.ys[-1]
+    x = sol.ys[-1]  # pyright: ignore[reportOptionalSubscript]  (SaveAt(t1=True))
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     nfe = num_steps * solver.evaluations_per_step
     if denoise:

@@ -57,7 +57,7 @@ def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | N
     try:
         if isinstance(value, bool):
             raise TypeError
-        ivalue = operator.index(value)
+        ivalue = operator.index(value)  # pyright: ignore[reportArgumentType]  (TypeError below)
     except TypeError:
         expected = "a positive integer or None" if allow_none else "a positive integer"
         raise ValueError(f"{name} must be {expected}, got {value!r}") from None

@@ -76,10 +76,13 @@ def test_bits_per_dim_options_equal_keywords_and_the_preset(problem):
     spelled = pf.ODEOptions(solver=diffrax.Dopri5(), rtol=3e-4, atol=3e-4, time="sqrt_t",
                             scheduler=pf.Refill())
     _same(default, pf.bits_per_dim(model, sde, x_int, options=spelled, **common))
-    kw = dict(solver=diffrax.Heun(), steps=12, slots=None)
-    _same(pf.bits_per_dim(model, sde, x_int, **kw, **common),
-          pf.bits_per_dim(model, sde, x_int, options=pf.ODEOptions(solver=diffrax.Heun(),
-                                                                   steps=12), **common))
+    # Keywords start from the preset (here: sqrt(t) time for VP); options= is the whole plan.
+    heun = dict(solver=diffrax.Heun(), steps=12)
+    _same(pf.bits_per_dim(model, sde, x_int, slots=None, **heun, **common),
+          pf.bits_per_dim(model, sde, x_int,
+                          options=pf.ODEOptions.bits_per_dim(sde, **heun), **common))
+    _same(pf.bits_per_dim(model, sde, x_int, time="t", **heun, **common),
+          pf.bits_per_dim(model, sde, x_int, options=pf.ODEOptions(**heun), **common))
     paper = pf.bits_per_dim(model, sde, x_int, options=pf.ODEOptions.paper(), **common)
     _same(paper, pf.bits_per_dim(model, sde, x_int, solver=diffrax.Dopri5(), rtol=1e-5,
                                  atol=1e-5, time="t", slots="lockstep", **common))

@@ -174,6 +174,7 @@ def _run_encode(args) -> int:
     t_enc = time.perf_counter() - start
     dec = pf.decode(loaded.model, loaded.sde, z, **kw)
     err = relative_error(dec.x, x)
+    assert out is not None  # --out is required
     np.savez(out, z=z, x=x, labels=np.asarray(ds.labels[:n]), nfe=np.asarray(enc.nfe),
              eps=args.eps, checkpoint=args.checkpoint, config=args.config or "",
              raw_weights=args.raw_weights)

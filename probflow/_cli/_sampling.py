@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def make_mask(kind: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
         if not Path(kind).exists():
             raise CLIError(f"--mask: no such file {kind!r}")
-        img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.NEAREST))
+        img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.Resampling.NEAREST))
         m = (img >= 128).astype(np.float32)
     else:
         raise CLIError(f"--mask: unknown mask {kind!r}; choose left, right, top, bottom, center, "
@@ -157,7 +158,7 @@ def _run_inpaint(args) -> int:
     n = len(x)
     lo, hi = loaded.data_range
     mask = make_mask(args.mask, loaded.shape, args.seed)
-    opts = {} if args.particles == 1 else {"corrector": None}
+    opts: dict[str, Any] = {} if args.particles == 1 else {"corrector": None}
     start = time.perf_counter()
     r = pf.inpaint(loaded.model, loaded.sde, x, mask, key=jax.random.key(args.seed),
                    steps=args.sde_steps, num_particles=args.particles, **opts)
