@@ -96,7 +96,8 @@ def test_unet_options_equal_keywords_bit_for_bit():
     kw = dict(solver=diffrax.Heun(), steps=4)
     common = dict(key=KEY, num_bins=ds.num_bins)
     _same(pf.bits_per_dim(model, sde, x_int, **kw, **common),
-          pf.bits_per_dim(model, sde, x_int, options=pf.ODEOptions(**kw), **common))
+          pf.bits_per_dim(model, sde, x_int, options=pf.ODEOptions.bits_per_dim(sde, **kw),
+                          **common))
     z = np.asarray(jax.random.normal(KEY, (2,) + x_int.shape[1:]))
     _same(pf.decode(model, sde, z, **kw), pf.decode(model, sde, z, options=pf.ODEOptions(**kw)))
 
