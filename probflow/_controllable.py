@@ -199,8 +199,9 @@ def inpaint(
 
     **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    opts = sde_options(options, predictor=predictor, corrector=corrector, steps=steps,
-                       denoise=denoise)
+    # steps=None: not given (a PC sampler always has N noise levels).
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
     predictor, corrector, denoise = opts.predictor, opts.corrector, opts.denoise
     sde, eps, steps = check_pc_options(sde, predictor, corrector, opts.steps, eps)
     num_particles = check_positive_int(num_particles, "num_particles")
@@ -376,8 +377,9 @@ def sample_conditional(
 
     **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    opts = sde_options(options, predictor=predictor, corrector=corrector, steps=steps,
-                       denoise=denoise)
+    # steps=None: not given (a PC sampler always has N noise levels).
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
     predictor, corrector, denoise = opts.predictor, opts.corrector, opts.denoise
     sde, eps, steps = check_pc_options(sde, predictor, corrector, opts.steps, eps)
     shape = check_shape(shape)

@@ -255,8 +255,9 @@ def sample_pc(
 
     **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    opts = sde_options(options, predictor=predictor, corrector=corrector, steps=steps,
-                       denoise=denoise)
+    # steps=None: not given (a PC sampler always has N noise levels).
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
     sde, eps, steps = check_pc_options(sde, opts.predictor, opts.corrector, opts.steps, eps)
     num_samples = check_positive_int(num_samples, "num_samples")
     shape = check_shape(shape)

@@ -132,7 +132,7 @@ def test_sde_options_equal_keywords_bit_for_bit(problem, mixture2d):
 def test_options_and_keywords_together_raise(problem):
     sde, model, x = problem
     opts = pf.ODEOptions(solver=diffrax.Heun(), steps=10)
-    with pytest.raises(ValueError, match=r"either options= or as keywords.*rtol="):
+    with pytest.raises(ValueError, match=r"either as options= or as keywords.*rtol="):
         pf.encode(model, sde, x, options=opts, rtol=1e-3)
     with pytest.raises(ValueError, match="slots="):
         pf.log_likelihood(model, sde, x, key=KEY, options=opts, slots=4)
