@@ -9,6 +9,7 @@ with its own adaptive step sizes, so a result never depends on what else is in t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import diffrax
@@ -24,7 +25,8 @@ from ._nfe import (
     raise_if_failed,
     select_initial_step,
 )
-from ._options import Lockstep, ODEOptions, ode_options
+from ._options import ODEOptions, Refill, ode_options
+from ._refill import refill_solve
 from ._results import (
     DecodeResult,
     EncodeResult,
@@ -124,31 +126,36 @@ def _check_flow_inputs(model, sde, x, eps, name="x"):
 # --------------------------------------------------------------------------- encode / decode
 
 
+def _solve_batch(model, sde, y0, t0: float, t1: float, opts: ODEOptions):
+    """Every example's solve of the ODE from t0 to t1, in lockstep (a vmapped `solve_flow`) or
+    refilled (`refill_solve`), as the plan's scheduler says."""
+    vf = ProbabilityFlowODE(model, sde)
+    if isinstance(opts.scheduler, Refill):
+        y1, nfe, num_steps, result = refill_solve(
+            lambda _: vf, y0, jnp.zeros(y0.shape[:1], y0.dtype), t0, t1, opts, sde=sde
+        )
+        return raise_if_failed(y1, result, opts.max_steps, "ODE"), nfe, num_steps
+    return jax.vmap(lambda y: solve_flow(vf, y, t0, t1, opts, sde=sde))(y0)
+
+
 @eqx.filter_jit
 def _encode(model, sde, x, eps, opts):
     check_model(model, x.shape[1:], x.dtype)
     x = error_if_nonfinite(x, "x")
-    vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda xi: solve_flow(vf, xi, eps, sde.T, opts, sde=sde))(x)
+    return _solve_batch(model, sde, x, eps, sde.T, opts)
 
 
 @eqx.filter_jit
 def _decode(model, sde, z, eps, opts):
     check_model(model, z.shape[1:], z.dtype)
     z = error_if_nonfinite(z, "z")
-    vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda zi: solve_flow(vf, zi, sde.T, eps, opts, sde=sde))(z)
+    return _solve_batch(model, sde, z, sde.T, eps, opts)
 
 
-def _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, what):
+def _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, shape):
     opts = ode_options(options, solver=solver, rtol=rtol, atol=atol, steps=steps,
                        max_steps=max_steps, time=time, schedule=schedule)
-    if not isinstance(opts.scheduler, Lockstep):
-        raise ValueError(
-            f"{what} solves the batch in lockstep: pass an ODEOptions with scheduler=pf.Lockstep() "
-            "(pf.Refill is for log_likelihood and bits_per_dim)"
-        )
-    return opts
+    return opts.for_examples(math.prod(shape))
 
 
 def encode(
@@ -177,12 +184,15 @@ def encode(
     - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
       settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
       default.
-    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once: ValueError).
+    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once:
+      ValueError); with `scheduler=pf.Refill(S)` an adaptive batch is solved S examples at a
+      time, each example's result that of its own solve, at the batch's mean NFE.
 
     **Returns:** `EncodeResult` with `z` [B, ...], `nfe` [B] and `num_steps` [B].
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
-    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, "encode")
+    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
+                         x.shape[1:])
     z, nfe, num_steps = _encode(model, sde, x, eps, opts)
     return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
 
@@ -213,12 +223,15 @@ def decode(
     - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
       settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
       default.
-    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once: ValueError).
+    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once:
+      ValueError); with `scheduler=pf.Refill(S)` an adaptive batch is solved S examples at a
+      time, each example's result that of its own solve, at the batch's mean NFE.
 
     **Returns:** `DecodeResult` with `x` [B, ...], `nfe` [B] and `num_steps` [B].
     """
     sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
-    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, "decode")
+    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
+                         z.shape[1:])
     x, nfe, num_steps = _decode(model, sde, z, eps, opts)
     return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
 
@@ -255,15 +268,16 @@ def sample_ode(
     - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
       settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
       default.
-    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once: ValueError).
+    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once:
+      ValueError); with `scheduler=pf.Refill(S)` an adaptive batch is solved S examples at a
+      time, each example's result that of its own solve, at the batch's mean NFE.
 
     **Returns:** `SampleResult` with `x` [num_samples, ...], `nfe` and `num_steps`.
     """
     sde = check_sde(sde)
     num_samples = check_positive_int(num_samples, "num_samples")
     shape = check_shape(shape)
-    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
-                         "sample_ode")
+    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, shape)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
     z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(keys)
