@@ -29,7 +29,7 @@ lambda of the same order on the same evaluations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import diffrax
 import jax
@@ -167,7 +167,7 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         delta = y0[1] if isinstance(y0, tuple) else None
         return sign, c0, ta, tb, lam0, lam1 - lam0, x, delta
 
-    def _predict(self, terms, sign, c, t, y, args):
+    def _predict(self, terms, sign, c, t, y, args) -> tuple[Array, Array, Any]:
         """One model evaluation at clock time c (real time t): (eps, x0, q).
 
         score = 2 (f x - F) / g^2 from the ODE's right side F (eq. 13); eps = -sigma score
