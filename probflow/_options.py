@@ -329,9 +329,11 @@ def _given(keywords: dict[str, Any]) -> dict[str, Any]:
 
 
 def _both(given) -> ValueError:
+    # The public keyword for the scheduler is `slots=`.
+    names = ("slots" if k == "scheduler" else k for k in given)
     return ValueError(
         "pass the solve settings either as options= or as keywords, not both (got options= "
-        f"and {', '.join(k + '=' for k in given)})"
+        f"and {', '.join(k + '=' for k in names)})"
     )
 
 

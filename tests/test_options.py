@@ -104,6 +104,7 @@ def test_bits_per_dim_options_equal_keywords_and_the_preset(problem):
                                  atol=1e-5, time="t", slots="lockstep", **common))
 
 
+@pytest.mark.slow  # about 20 s on 2 idle cores (two U-Net compilations)
 def test_unet_options_equal_keywords_bit_for_bit():
     """The shipped digits-vp U-Net: decode and bits/dim with options= and with keywords."""
     model, sde = pf.load_pretrained("digits-vp")
