@@ -82,7 +82,7 @@ def _add_bpd(p) -> None:
                    help="examples solved at once; a finished example's slot takes the next "
                         "image of the batch, so the cost follows the mean NFE (auto: on CPU 64, "
                         "32 or 16 by image size, 1024 on accelerators; lockstep: the whole "
-                        "batch in one solve)")
+                        "batch in one solve; default: pf.bits_per_dim's, auto)")
     p.add_argument("--batch-size", type=positive_int, default=1000,
                    help="images per call of pf.bits_per_dim (and per key: results depend on it); "
                         "batches are split across the processes of a multi-process run")
