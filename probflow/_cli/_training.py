@@ -146,6 +146,12 @@ def _build_network(args, ds, sde, key):
     return UNet(ds.shape, sde=sde, channels=channels, num_res_blocks=args.num_res_blocks, key=key)
 
 
+def _required(preset):
+    """The preset, when the options checked above say there is one."""
+    assert preset is not None
+    return preset
+
+
 def _train_config(args, paper):
     """The TrainConfig: explicit options, else the preset's values, else the defaults."""
     from .._train import TrainConfig
@@ -162,7 +168,7 @@ def _train_config(args, paper):
     if spc is None:
         spc = base.steps_per_call if base is not None else (1 if args.model == "unet" else 50)
     fields = dict(
-        steps=args.steps if args.steps is not None else base.steps,
+        steps=args.steps if args.steps is not None else _required(base).steps,
         batch_size=pick("batch_size"),
         lr=pick("lr"),
         warmup=pick("warmup"),
@@ -215,7 +221,7 @@ def _run_train(args) -> int:
     if args.resume and not (Path(args.out) / "checkpoint.eqx").exists():
         raise CLIError(f"--resume: no checkpoint in {args.out} to resume from")
     config = _train_config(args, paper)
-    data_name = args.data or paper.data
+    data_name = args.data or _required(paper).data
     ds = load_data(data_name, "train", data_dir=args.data_dir)
     if args.validation:
         ds, _ = ds.hold_out(args.validation, seed=0)
