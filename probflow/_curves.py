@@ -108,7 +108,7 @@ def nfe_curve(
     num_samples: int = 256,
     ode_sweeps: Sequence[ODESweep] | None = None,
     stochastic_sweeps: Sequence[StochasticSweep] | None = None,
-    reference_data: Array | None = None,
+    reference_data: Array | np.ndarray | None = None,
     classifier: AbstractClassifier | None = None,
     eps: float = 1e-3,
     reference_tol: float = 1e-7,
@@ -212,7 +212,7 @@ def nfe_curve(
 def likelihood_curve(
     model: Callable,
     sde: AbstractSDE,
-    x_int: Array,
+    x_int: Array | np.ndarray,
     *,
     key: PRNGKeyArray,
     num_bins: int,

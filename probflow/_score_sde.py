@@ -379,7 +379,7 @@ def _read_flax(path: Path) -> dict:
         raise _neither(path) from None
     if not isinstance(state, dict) or not ({"params_ema", "optimizer"} & set(state)):
         raise _neither(path)
-    return _unchunk(state)
+    return _unchunk(state)  # pyright: ignore[reportReturnType]  (a dict, checked above)
 
 
 def _unwrap_params(tree):
@@ -480,7 +480,7 @@ def _flax_arrays(state: dict, table: list[_Param], expected: dict, *, ema: bool,
                 f"{path}: the checkpoint has no parameter {name!r}, which config {label} "
                 f"expects: the config does not fit the weights"
             )
-        got, want = tuple(np.shape(value)), tuple(expected[p.path])
+        got, want = tuple(np.shape(np.asarray(value))), tuple(expected[p.path])
         if got != want:
             raise ScoreSDEImportError(
                 f"{path}: parameter {name} has shape {got} in the checkpoint but config "

@@ -119,6 +119,8 @@ def train(
     state, static = TrainState.init(model, optimizer)
     step = 0
     if resume:
+        if run_dir is None:
+            raise ValueError("resume=True continues the run in out=: pass the run directory")
         step, state = run_dir.load_state(state)
         if step > config.steps:
             raise ValueError(

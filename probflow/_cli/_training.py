@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from ._common import (
     SDE_NAMES,
@@ -167,7 +168,7 @@ def _train_config(args, paper):
     spc = args.steps_per_call
     if spc is None:
         spc = base.steps_per_call if base is not None else (1 if args.model == "unet" else 50)
-    fields = dict(
+    fields: dict[str, Any] = dict(
         steps=args.steps if args.steps is not None else _required(base).steps,
         batch_size=pick("batch_size"),
         lr=pick("lr"),
@@ -233,7 +234,7 @@ def _run_train(args) -> int:
         sde = paper.make_sde()
         model = paper.make_model(key=key, sde=sde)
     else:
-        sde = make_sde(args.sde)
+        sde = make_sde(_required(args.sde))
         model = _build_network(args, ds, sde, key)
     t0 = time.perf_counter()
     result = train(model, sde, ds, config, out=args.out, resume=args.resume,
