@@ -10,7 +10,6 @@ of the digits test split. Tuned schedules are tuned (pf.tune_schedule, default o
 other prior latents, one per solver and step count in --tune-nfe. A setting whose NFE is not a
 multiple of the solver's evaluations per step is skipped.
 
-The lead extends SOLVERS (one line each) with the new solvers after merging.
 """
 
 import argparse
@@ -24,11 +23,14 @@ import numpy as np
 
 import probflow as pf
 
-# (label, solver, score evaluations per step). Extend with e.g.
-#   ("UniPC-3", pf.UniPC(order=3), 1), ("iPNDM", pf.IPNDM(), 1), ("DEIS-tAB3", pf.DEIS(order=3), 1)
+# (label, solver, score evaluations per step).
 SOLVERS = [
     ("DPM-Solver++(2M)", pf.DPMSolverMultistep(order=2), 1),
     ("DPM-Solver++(3M)", pf.DPMSolverMultistep(order=3), 1),
+    ("UniPC-3 bh1", pf.UniPC(order=3), 1),
+    ("UniPC-3 bh2", pf.UniPC(order=3, variant="bh2"), 1),
+    ("DEIS-tAB3", pf.DEIS(order=3), 1),
+    ("iPNDM", pf.IPNDM(), 1),
     ("DPM-Solver-2", pf.DPMSolver(order=2), 2),
     ("Heun", diffrax.Heun(), 2),
 ]

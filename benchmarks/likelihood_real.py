@@ -57,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import probflow as pf
-from probflow._refill import default_slots, refill_solve
+from probflow._options import default_slots
+from probflow._refill import refill_solve
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = {"Tsit5": diffrax.Tsit5(), "Dopri5": diffrax.Dopri5(), "Bosh3": diffrax.Bosh3()}
@@ -188,21 +189,22 @@ def _augmented(model, sde, probes, mode="jvp"):
 
 
 @eqx.filter_jit
-def _engine(model, sde, x, probes, rtol, atol, solver, time_, slots, max_steps=16384):
+def _engine(model, sde, x, probes, rtol, atol, solver, time_, slots):
     y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
-    (z, delta), nfe, steps, status = refill_solve(
-        lambda p: _augmented(model, sde, p), y0, probes, EPS, sde.T, solver=solver, rtol=rtol,
-        atol=atol, slots=slots, max_steps=max_steps, clock=_CLOCKS[time_], sde=sde,
+    opts = pf.ODEOptions(solver=solver, rtol=rtol, atol=atol, time=_CLOCKS[time_],
+                         scheduler=pf.Refill(slots))
+    (z, delta), nfe, steps, result = refill_solve(
+        lambda p: _augmented(model, sde, p), y0, probes, EPS, sde.T, opts, sde=sde
     )
+    status = jnp.where(result == diffrax.RESULTS.successful, 1, 0)  # 1: finished
     return jax.vmap(sde.prior_logp)(z) + delta, nfe, status
 
 
 @eqx.filter_jit
 def _lockstep_fixed(model, sde, x, probes, solver, steps, time_):
     from probflow._flow import solve_flow
-    from probflow._options import make_ode_options
 
-    opts = make_ode_options(solver, 1e-3, 1e-3, steps, 16384, time_)
+    opts = pf.ODEOptions(solver=solver, steps=steps, time=time_)
 
     def one(xi, pi):
         vf = _augmented(model, sde, pi)

@@ -62,8 +62,12 @@ from ._mixture import GaussianMixture as GaussianMixture
 from ._mixture import MixtureClassifier as MixtureClassifier
 from ._mixture import MixtureScore as MixtureScore
 from ._nfe import AbstractCountedSolver as AbstractCountedSolver
+from ._nfe import SolverTraits as SolverTraits
 from ._nfe import count_evaluations as count_evaluations
+from ._options import AbstractScheduler as AbstractScheduler
+from ._options import Lockstep as Lockstep
 from ._options import ODEOptions as ODEOptions
+from ._options import Refill as Refill
 from ._options import SDEOptions as SDEOptions
 from ._pc import AbstractCorrector as AbstractCorrector
 from ._pc import AbstractPredictor as AbstractPredictor
@@ -74,7 +78,6 @@ from ._pc import LangevinCorrector as LangevinCorrector
 from ._pc import PredictorCorrector as PredictorCorrector
 from ._pc import ProbabilityFlowPredictor as ProbabilityFlowPredictor
 from ._pc import ReverseDiffusionPredictor as ReverseDiffusionPredictor
-from ._pc import sample_pc as sample_pc
 from ._pretrained import load_pretrained as load_pretrained
 from ._results import BitsPerDimResult as BitsPerDimResult
 from ._results import BitsPerDimSummary as BitsPerDimSummary
@@ -84,6 +87,7 @@ from ._results import EncodeResult as EncodeResult
 from ._results import LikelihoodResult as LikelihoodResult
 from ._results import SampleResult as SampleResult
 from ._results import summarize_bits_per_dim as summarize_bits_per_dim
+from ._reverse_sde import sample_pc as sample_pc
 from ._reverse_sde import sample_sde as sample_sde
 from ._score_sde import ScoreSDEImportError as ScoreSDEImportError
 from ._score_sde import load_score_sde as load_score_sde

@@ -627,6 +627,18 @@ def save_checkpoint(
     `config` is a `TrainConfig`, a JSON-serialisable dict or None. `num_bins`, `data_range` and
     `data` (a dataset name) record how the model's data were quantised. `state` (used by
     `train` to resume) is any pytree, saved after the model.
+
+    **Arguments:**
+
+    - `path`: the file to write (atomically: a crash never leaves a broken file).
+    - `model`: the score model, any `AbstractScoreModel`.
+    - `sde`: its SDE.
+    - `config`: a `TrainConfig`, a JSON-serialisable dict or None.
+    - `step`: the training step reached (None: not recorded).
+    - `num_bins`: the number of levels of the training data.
+    - `data_range`: the model's data range (lo, hi).
+    - `data`: the training data set's name.
+    - `state`: any pytree saved after the model (`train`'s optimiser state, to resume).
     """
     if not isinstance(model, AbstractScoreModel):
         raise ValueError(
@@ -663,6 +675,10 @@ def load_checkpoint(path: str | os.PathLike):
     """`(model, sde, config)` from a checkpoint written by `save_checkpoint`; `model.sde == sde`.
 
     `config` is a dict: the saved config plus `step`, `num_bins`, `data_range` and `data`.
+
+    **Arguments:**
+
+    - `path`: a checkpoint file written by `save_checkpoint`.
     """
     return _checkpoint_from_bytes(_read_file(path), path)
 

@@ -183,6 +183,16 @@ def train_classifier(
 
     With `sde`, a noise-conditional classifier of x_t at t ~ U[eps, T]; without, a clean-data one.
     Inputs are uniformly dequantized into `data_range` as in training score models.
+
+    **Arguments:**
+
+    - `images`: integer images [N, ...] in [0, num_bins).
+    - `labels`: their classes, ints [N].
+    - `num_bins`: the number of levels of the images.
+    - `data_range`: the model-space range the images are dequantized into.
+    - `sde`: for a noise-conditional classifier, its SDE; None: a clean-data classifier.
+    - `config`: a `ClassifierConfig` (steps, batch size, learning rate, weight decay, eps, seed).
+    - `num_classes`: the number of classes (None: the largest label + 1).
     """
     num_bins = check_num_bins(num_bins)
     images = jnp.asarray(images)
@@ -252,7 +262,14 @@ def _predict(classifier, x, t):
 
 
 def classify(classifier: AbstractClassifier, x: ArrayLike, t: float = 0.0) -> Array:
-    """Predicted labels [B] for a batch x of model-space examples (compiled once per shape)."""
+    """Predicted labels [B] for a batch x of model-space examples (compiled once per shape).
+
+    **Arguments:**
+
+    - `classifier`: a probflow classifier.
+    - `x`: a batch of model-space examples [B, ...].
+    - `t`: the noise level of `x` (0: clean data).
+    """
     x = jnp.asarray(x)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     return _predict(classifier, x, jnp.asarray(t, dtype))
@@ -260,7 +277,14 @@ def classify(classifier: AbstractClassifier, x: ArrayLike, t: float = 0.0) -> Ar
 
 def save_classifier(path, classifier: AbstractClassifier, info: dict | None = None) -> None:
     """Write a classifier atomically, in the checkpoints' file format (see `save_checkpoint`);
-    `info` is any JSON-serialisable dict, returned by `load_classifier`."""
+    `info` is any JSON-serialisable dict, returned by `load_classifier`.
+
+    **Arguments:**
+
+    - `path`: the file to write.
+    - `classifier`: the classifier.
+    - `info`: any JSON-serialisable dict (None: empty).
+    """
     if not isinstance(classifier, AbstractClassifier):
         raise ValueError(
             f"classifier must be an AbstractClassifier, got {type(classifier).__name__}"
@@ -272,7 +296,12 @@ def save_classifier(path, classifier: AbstractClassifier, info: dict | None = No
 
 
 def load_classifier(path) -> tuple[AbstractClassifier, dict]:
-    """(classifier, info) from a file written by `save_classifier`."""
+    """(classifier, info) from a file written by `save_classifier`.
+
+    **Arguments:**
+
+    - `path`: a file written by `save_classifier`.
+    """
     classifier, _, header = load_module(path, CLASSIFIER, AbstractClassifier)
     return classifier, header["info"]
 
@@ -283,7 +312,12 @@ _PRETRAINED_CLASSIFIERS = ("digits-classifier", "digits-vp-classifier")
 
 def load_pretrained_classifier(name: str) -> AbstractClassifier:
     """A classifier shipped with probflow: "digits-classifier" (clean data) or
-    "digits-vp-classifier" (noise-conditional, VP SDE); see scripts/train_classifiers.py."""
+    "digits-vp-classifier" (noise-conditional, VP SDE); see scripts/train_classifiers.py.
+
+    **Arguments:**
+
+    - `name`: "digits-classifier" or "digits-vp-classifier".
+    """
     if name not in _PRETRAINED_CLASSIFIERS:
         raise ValueError(
             f"unknown pretrained classifier {name!r}; shipped: {', '.join(_PRETRAINED_CLASSIFIERS)}"

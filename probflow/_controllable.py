@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
+from ._options import UNSET, SDEOptions, sde_options
 from ._pc import (
     AbstractCorrector,
     AbstractPredictor,
-    LangevinCorrector,
     PredictorCorrector,
     ReverseDiffusionPredictor,
     ScoreVectorField,
@@ -164,12 +164,13 @@ def inpaint(
     mask: ArrayLike,
     *,
     key: PRNGKeyArray,
-    predictor: AbstractPredictor = ReverseDiffusionPredictor(),
-    corrector: AbstractCorrector | None = LangevinCorrector(snr=0.16, steps=1),
-    steps: int = 1000,
+    predictor: AbstractPredictor | None = None,
+    corrector: AbstractCorrector | None = UNSET,
+    steps: int | None = None,
     eps: float = 1e-3,
-    denoise: bool = True,
+    denoise: bool | None = None,
     num_particles: int = 1,
+    options: SDEOptions | None = None,
 ) -> SampleResult:
     """Fill in x where mask == 0, keeping x where mask == 1 (exactly).
 
@@ -180,8 +181,29 @@ def inpaint(
     `num_particles=K > 1`: sequential Monte Carlo (`_inpaint_smc`, Trippe et al. 2022) with the
     reverse-diffusion predictor and no corrector, exact as K grows; costs K times as many
     evaluations (counted in `nfe`).
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `x`: a batch [B, ...] whose known values are kept.
+    - `mask`: 1 where x is known, 0 where it is filled in (x's shape, or broadcastable to it).
+    - `key`: the PRNG key.
+    - `num_particles`: 1 for the paper's method, K > 1 for SMC with K particles.
+    - `predictor`, `corrector`, `steps`, `denoise`: the predictor-corrector sampler's settings,
+      as in `pf.sample_pc` and `pf.SDEOptions` (which owns their defaults: reverse diffusion,
+      `pf.LangevinCorrector(snr=0.16, steps=1)`, 1000 steps, denoised); not given: the default.
+    - `eps`: the smallest time (default 1e-3).
+    - `options`: a `pf.SDEOptions` plan instead of `predictor`, `corrector`, `steps` and
+      `denoise` (both at once: ValueError).
+
+    **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    sde, eps, steps = check_pc_options(sde, predictor, corrector, steps, eps)
+    # steps=None: not given (a PC sampler always has N noise levels).
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
+    predictor, corrector, denoise = opts.predictor, opts.corrector, opts.denoise
+    sde, eps, steps = check_pc_options(sde, predictor, corrector, opts.steps, eps)
     num_particles = check_positive_int(num_particles, "num_particles")
     x = as_float_batch(x, "x")
     mask = _check_mask(mask, x)
@@ -230,17 +252,34 @@ def colorize(
     gray: ArrayLike,
     *,
     key: PRNGKeyArray,
-    predictor: AbstractPredictor = ReverseDiffusionPredictor(),
-    corrector: AbstractCorrector | None = LangevinCorrector(snr=0.16, steps=1),
-    steps: int = 1000,
+    predictor: AbstractPredictor | None = None,
+    corrector: AbstractCorrector | None = UNSET,
+    steps: int | None = None,
     eps: float = 1e-3,
-    denoise: bool = True,
+    denoise: bool | None = None,
     num_particles: int = 1,
+    options: SDEOptions | None = None,
 ) -> SampleResult:
     """Colour images [B, H, W, 3] whose channel mean equals `gray` [B, H, W, 1].
 
     In the coordinates y = x M^T (M orthogonal, first row (1, 1, 1)/sqrt(3)) the first channel is
     sqrt(3) * grey and known; the two colour channels are inpainted; x = y M.
+
+    **Arguments:**
+
+    - `model`: the score model of colour images, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `gray`: grey images [B, H, W, 1].
+    - `key`: the PRNG key.
+    - `num_particles`: as in `pf.inpaint`.
+    - `predictor`, `corrector`, `steps`, `denoise`: the predictor-corrector sampler's settings,
+      as in `pf.sample_pc` and `pf.SDEOptions` (which owns their defaults: reverse diffusion,
+      `pf.LangevinCorrector(snr=0.16, steps=1)`, 1000 steps, denoised); not given: the default.
+    - `eps`: the smallest time (default 1e-3).
+    - `options`: a `pf.SDEOptions` plan instead of `predictor`, `corrector`, `steps` and
+      `denoise` (both at once: ValueError).
+
+    **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
     gray = as_float_batch(gray, "gray")
     if gray.ndim < 2 or gray.shape[-1] != 1:
@@ -258,6 +297,7 @@ def colorize(
     r = inpaint(
         DecoupledColourScore(model, basis), sde, y_known, mask, key=key, predictor=predictor,
         corrector=corrector, steps=steps, eps=eps, denoise=denoise, num_particles=num_particles,
+        options=options,
     )
     return SampleResult(x=r.x @ basis, nfe=r.nfe, num_steps=r.num_steps)
 
@@ -305,18 +345,43 @@ def sample_conditional(
     *,
     key: PRNGKeyArray,
     scale: float = 1.0,
-    predictor: AbstractPredictor = ReverseDiffusionPredictor(),
-    corrector: AbstractCorrector | None = LangevinCorrector(snr=0.16, steps=1),
-    steps: int = 1000,
+    predictor: AbstractPredictor | None = None,
+    corrector: AbstractCorrector | None = UNSET,
+    steps: int | None = None,
     eps: float = 1e-3,
-    denoise: bool = True,
+    denoise: bool | None = None,
     dtype=None,
+    options: SDEOptions | None = None,
 ) -> SampleResult:
     """One sample of class `labels[i]` per label: PC sampling of the conditional reverse SDE with
     score + scale * grad_x log p_t(y | x) (eq. 14). `classifier(t, x)` returns logits for one
     example. Each sample costs two evaluations per predictor or corrector step (model and
-    classifier gradient); `nfe` counts score-model evaluations."""
-    sde, eps, steps = check_pc_options(sde, predictor, corrector, steps, eps)
+    classifier gradient); `nfe` counts score-model evaluations.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `classifier`: `classifier(t, x) -> logits` for one example (noise-conditional).
+    - `sde`: the SDE.
+    - `labels`: one class per sample, ints [B].
+    - `shape`: the shape of one example.
+    - `key`: the PRNG key.
+    - `scale`: the guidance scale (1: the conditional score of eq. 14).
+    - `dtype`: the samples' dtype (default: JAX's default float).
+    - `predictor`, `corrector`, `steps`, `denoise`: the predictor-corrector sampler's settings,
+      as in `pf.sample_pc` and `pf.SDEOptions` (which owns their defaults: reverse diffusion,
+      `pf.LangevinCorrector(snr=0.16, steps=1)`, 1000 steps, denoised); not given: the default.
+    - `eps`: the smallest time (default 1e-3).
+    - `options`: a `pf.SDEOptions` plan instead of `predictor`, `corrector`, `steps` and
+      `denoise` (both at once: ValueError).
+
+    **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
+    """
+    # steps=None: not given (a PC sampler always has N noise levels).
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
+    predictor, corrector, denoise = opts.predictor, opts.corrector, opts.denoise
+    sde, eps, steps = check_pc_options(sde, predictor, corrector, opts.steps, eps)
     shape = check_shape(shape)
     dtype = jnp.result_type(float) if dtype is None else dtype
     labels = jnp.asarray(labels)

@@ -26,8 +26,8 @@ from ._classifier import AbstractClassifier
 from ._flow import decode
 from ._likelihood import bits_per_dim
 from ._metrics import frechet_distance, sliced_wasserstein
-from ._pc import LangevinCorrector, ReverseDiffusionPredictor, sample_pc
-from ._reverse_sde import sample_sde
+from ._pc import LangevinCorrector, ReverseDiffusionPredictor
+from ._reverse_sde import sample_pc, sample_sde
 from ._sde import AbstractSDE
 from ._time import AbstractStepSchedule, as_schedule
 from ._tune import tune_schedule
@@ -170,7 +170,7 @@ def nfe_curve(
     num_samples: int = 256,
     ode_sweeps: Sequence[ODESweep] | None = None,
     stochastic_sweeps: Sequence[StochasticSweep] | None = None,
-    reference_data: Array | None = None,
+    reference_data: Array | np.ndarray | None = None,
     classifier: AbstractClassifier | None = None,
     eps: float = 1e-3,
     reference_tol: float = 1e-7,
@@ -187,6 +187,25 @@ def nfe_curve(
     `reference_data` (model space, [M, *shape]) is the held-out data for the distribution
     measures; `clip` clips samples to the data range before they are compared with data (not for
     the solver error).
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `shape`: the shape of one example.
+    - `key`: the PRNG key of the latents and the samplers' noise.
+    - `num_samples`: samples per setting.
+    - `ode_sweeps`: the `ODESweep`s (None: the default sweeps).
+    - `stochastic_sweeps`: the `StochasticSweep`s of the reverse-SDE and PC samplers (None: the
+      default sweeps).
+    - `reference_data`: held-out data [M, *shape] in model space for the distribution measures
+      (None: none).
+    - `classifier`: a clean-data classifier whose features give the Frechet distance (None: none).
+    - `eps`: the smallest time of every sampler.
+    - `reference_tol`: rtol = atol of the reference ODE solve.
+    - `reference_solver`: the reference solver (None: `diffrax.Dopri8()`).
+    - `clip`: (lo, hi) to clip samples to before comparing them with data (None: no clipping).
+    - `progress`: called with a line of text after each setting (None: silent).
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     ode_sweeps = default_ode_sweeps() if ode_sweeps is None else list(ode_sweeps)
@@ -256,7 +275,7 @@ def nfe_curve(
 def likelihood_curve(
     model: Callable,
     sde: AbstractSDE,
-    x_int: Array,
+    x_int: Array | np.ndarray,
     *,
     key: PRNGKeyArray,
     num_bins: int,
@@ -269,14 +288,29 @@ def likelihood_curve(
 ) -> list[dict]:
     """Rows {sampler, setting, nfe_mean, nfe_max, bpd, bpd_error}: |bpd - reference bpd| per
     solver setting; the reference is `reference_solver` (default Dopri8) at `reference_tol` with
-    the same key (so the same dequantization noise and Hutchinson probes, of kind `trace`)."""
+    the same key (so the same dequantization noise and Hutchinson probes, of kind `trace`).
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x_int`: integer images [N, ...].
+    - `key`: the PRNG key (the same dequantization noise and probes for every setting).
+    - `num_bins`: the number of levels of the images.
+    - `data_range`: the model's data range.
+    - `sweeps`: the `ODESweep`s to run (None: the default sweeps).
+    - `reference_tol`: rtol = atol of the reference solve.
+    - `reference_solver`: the reference solver (None: `diffrax.Dopri8()`).
+    - `trace`: the divergence estimator, as in `log_likelihood`.
+    - `progress`: called with a line of text after each setting (None: silent).
+    """
     if sweeps is None:
         sweeps = [
             ODESweep(label="tsit5", solver=diffrax.Tsit5(), tolerances=(1e-2, 1e-3, 1e-4, 1e-5)),
             ODESweep(label="dopri5", solver=diffrax.Dopri5(), tolerances=(1e-3, 1e-4, 1e-5)),
             ODESweep(label="heun", solver=diffrax.Heun(), steps=(20, 50, 100)),
         ]
-    common = dict(key=key, num_bins=num_bins, data_range=data_range, trace=trace)
+    common: dict[str, Any] = dict(key=key, num_bins=num_bins, data_range=data_range, trace=trace)
     ref_solver = diffrax.Dopri8() if reference_solver is None else reference_solver
     ref = bits_per_dim(
         model, sde, x_int, solver=ref_solver, rtol=reference_tol, atol=reference_tol, **common,
@@ -290,7 +324,9 @@ def likelihood_curve(
         for kind, value in settings:
             if progress is not None:
                 progress(f"likelihood {sweep.label} {kind}={value}")
-            opts = dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            opts: dict[str, Any] = (
+                dict(steps=value) if kind == "steps" else dict(rtol=value, atol=value)
+            )
             r = bits_per_dim(model, sde, x_int, solver=sweep.solver, **opts, **common)
             rows.append({
                 "sampler": f"ode-{sweep.label}", "setting": f"{kind}={value:g}",
@@ -303,7 +339,15 @@ def likelihood_curve(
 
 def plot_nfe_curve(rows: list[dict], path, *, likelihood_rows: list[dict] | None = None,
                    title: str = "") -> None:
-    """A PNG: each quality measure against NFE (log scale), one line per sampler."""
+    """A PNG: each quality measure against NFE (log scale), one line per sampler.
+
+    **Arguments:**
+
+    - `rows`: `nfe_curve`'s rows.
+    - `path`: the PNG file to write.
+    - `likelihood_rows`: `likelihood_curve`'s rows, plotted as one more panel (None: none).
+    - `title`: the figure's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,7 +360,7 @@ def plot_nfe_curve(rows: list[dict], path, *, likelihood_rows: list[dict] | None
     for ax, measure in zip(axes[0], panels):
         source = likelihood_rows if measure == "bpd_error" else rows
         groups: dict[str, list] = {}
-        for r in source:
+        for r in source or []:
             if r["nfe_mean"] is None or r.get(measure) is None or r["sampler"].startswith("ref"):
                 continue
             groups.setdefault(r["sampler"], []).append((r["nfe_mean"], r[measure]))
@@ -337,7 +381,7 @@ def plot_nfe_curve(rows: list[dict], path, *, likelihood_rows: list[dict] | None
     plt.close(fig)
 
 
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+def format_rows(rows: list[dict], columns: Sequence[str]) -> str:
     """A plain-text table of `rows` with the given columns (None shows as '-')."""
 
     def fmt(v):
@@ -358,7 +402,16 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
 
 def save_image_grid(path, images, *, data_range=(0.0, 1.0), ncol: int | None = None,
                     scale: int = 4) -> None:
-    """Write a batch of images [N, H, W, C] (model space) as one PNG grid."""
+    """Write a batch of images [N, H, W, C] (model space) as one PNG grid.
+
+    **Arguments:**
+
+    - `path`: the PNG file to write.
+    - `images`: a batch [N, H, W, C] in model space.
+    - `data_range`: the model's data range, mapped to [0, 255].
+    - `ncol`: images per row (None: about sqrt(N)).
+    - `scale`: pixels per image pixel.
+    """
     from PIL import Image
 
     x = np.asarray(images, np.float64)
@@ -380,5 +433,5 @@ def save_image_grid(path, images, *, data_range=(0.0, 1.0), ncol: int | None = N
     img = (grid * 255).round().astype(np.uint8)
     img = img[..., 0] if c == 1 else img
     pil = Image.fromarray(img)
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     pil.save(path)

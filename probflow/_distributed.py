@@ -255,6 +255,16 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     batches with no communication (the adaptive per-example solves are independent); one
     all-gather at the end returns every example's `BitsPerDimResult` fields, in order, on every
     process. With one process it is the plain batched loop.
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x_int`: integer images [N, ...].
+    - `key`: the PRNG key; batch b uses `fold_in(key, b * batch_size)`.
+    - `batch_size`: images per call of `bits_per_dim`.
+    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the
+      solve keywords).
     """
     from ._likelihood import bits_per_dim
 

@@ -160,10 +160,12 @@ class GaussianControlVariate(eqx.Module):
                 "variance must be an array of the example's shape (one variance per dimension), "
                 f"got shape {self.variance.shape}"
             )
-        if not isinstance(self.variance, jax.core.Tracer):
+        try:
             v = np.asarray(self.variance)
-            if not (np.all(np.isfinite(v)) and np.all(v >= 0)):
-                raise ValueError("variance must be finite and >= 0 in every dimension")
+        except jax.errors.TracerArrayConversionError:  # built inside jit: unchecked
+            return
+        if not (np.all(np.isfinite(v)) and np.all(v >= 0)):
+            raise ValueError("variance must be finite and >= 0 in every dimension")
 
     @classmethod
     def fit(cls, x: ArrayLike) -> GaussianControlVariate:

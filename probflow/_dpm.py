@@ -29,7 +29,7 @@ lambda of the same order on the same evaluations.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import diffrax
 import jax
@@ -54,15 +54,17 @@ from ._time import SqrtTimeODE as SqrtTimeODE
 log_snr_of = static_log_snr
 
 
-def _not_none(schedule):
-    if schedule is None:
+def _schedule(schedule) -> AbstractStepSchedule:
+    """The step schedule of a `schedule=` argument (None is not one)."""
+    out = as_schedule(schedule)
+    if out is None:
         raise ValueError("schedule must be one of the schedule names or a step schedule, got None")
-    return schedule
+    return out
 
 
 def schedule_times(schedule, sde: AbstractSDE, t0: float, t1: float, steps: int, dtype) -> Array:
     """steps + 1 times from t0 to t1 (either direction) on `schedule` (see `_time.as_schedule`)."""
-    return as_schedule(schedule).times(sde, t0, t1, steps, dtype)
+    return _schedule(schedule).times(sde, t0, t1, steps, dtype)
 
 
 # --------------------------------------------------------------------------- the integrators
@@ -79,6 +81,15 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
     term_structure: ClassVar = diffrax.AbstractTerm
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
 
+    if TYPE_CHECKING:  # the subclasses' fields (eqx cannot take string AbstractVars here)
+        solver_order: int
+        schedule: AbstractStepSchedule
+        sde: AbstractSDE | None
+        time: AbstractClock
+        num_steps: int | None
+
+        def _with(self, **kw) -> AbstractExponentialIntegrator: ...
+
     def order(self, terms):
         """The order of the solution; with steps=None also that of the error estimate."""
         return self.solver_order
@@ -87,6 +98,23 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         """This solver for the probability-flow ODE of `sde`, run in clock `time` (a clock, or
         its name); `num_steps` is the number of steps of a fixed-step solve (None when adaptive)."""
         return self._with(sde=sde, time=self.check_clock(as_clock(time)), num_steps=num_steps)
+
+    @property
+    def clocks(self) -> tuple[type[AbstractClock], ...]:
+        """t and log-SNR time (see `check_clock`)."""
+        return (LinearTime, LogSNRTime)
+
+    @property
+    def refill_clocks(self) -> tuple[type[AbstractClock], ...]:
+        """The refill scheduler steps the adaptive integrators in t."""
+        return (LinearTime,) if self.supports_adaptive else ()
+
+    @property
+    def needs_binding(self) -> bool:
+        return True
+
+    def step_schedule(self) -> AbstractStepSchedule:
+        return self.schedule
 
     def check_clock(self, clock: AbstractClock) -> AbstractClock:
         """The clocks these integrators run in: t and log-SNR time (their steps are exact in
@@ -139,7 +167,7 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         delta = y0[1] if isinstance(y0, tuple) else None
         return sign, c0, ta, tb, lam0, lam1 - lam0, x, delta
 
-    def _predict(self, terms, sign, c, t, y, args):
+    def _predict(self, terms, sign, c, t, y, args) -> tuple[Array, Array, Any]:
         """One model evaluation at clock time c (real time t): (eps, x0, q).
 
         score = 2 (f x - F) / g^2 from the ODE's right side F (eq. 13); eps = -sigma score
@@ -178,8 +206,9 @@ def _phi1(h):
 class DPMSolver(AbstractExponentialIntegrator):
     """DPM-Solver-1/2/3 (Lu et al. 2022): single-step, noise prediction; `order` evaluations a step.
 
-    `steps=N` steps on `schedule` ("quadratic", the default: uniform in sqrt(t), the fewest NFE in
-    our measurements; "log_snr": uniform in lambda, the paper's choice; "time"). With
+    `steps=N` steps on `schedule` ("sqrt_t", the default: uniform in sqrt(t), the fewest NFE in
+    our measurements; "log_snr": uniform in lambda, the paper's choice; "t"; or a step
+    schedule object; the DPM-Solver code's names "quadratic" and "time" are kept as aliases). With
     `steps=None`, orders 2 and 3 are adaptive: DPM-Solver-12 and -23 (Lu et al. 2022, section 4
     and appendix C), the error being the difference with the embedded lower-order solution,
     controlled by rtol/atol.
@@ -192,10 +221,16 @@ class DPMSolver(AbstractExponentialIntegrator):
     num_steps: int | None
 
     def __init__(
-        self, order: int = 2, schedule="quadratic", *, sde=None, time="t", num_steps=None
+        self,
+        order: int = 2,
+        schedule: str | AbstractStepSchedule = "sqrt_t",
+        *,
+        sde=None,
+        time="t",
+        num_steps=None,
     ):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = _schedule(schedule)
         self.sde = sde
         self.time = as_clock(time)
         self.num_steps = num_steps
@@ -282,7 +317,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     """DPM-Solver++(2M)/(3M) (Lu et al. 2022b): multistep, data prediction; one evaluation a step.
 
     The first steps use the orders their history allows (1, then 2). Fixed steps only
-    (`steps=N`), on `schedule` ("quadratic", the default, "time" or "log_snr").
+    (`steps=N`), on `schedule` ("sqrt_t", the default, "t" or "log_snr", as `DPMSolver`).
     """
 
     solver_order: int
@@ -295,7 +330,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
     def __init__(
         self,
         order: int = 2,
-        schedule="quadratic",
+        schedule: str | AbstractStepSchedule = "sqrt_t",
         lower_order_final: bool = True,
         *,
         sde=None,
@@ -303,7 +338,7 @@ class DPMSolverMultistep(AbstractExponentialIntegrator):
         num_steps=None,
     ):
         self.solver_order = order
-        self.schedule = as_schedule(_not_none(schedule))
+        self.schedule = _schedule(schedule)
         self.lower_order_final = lower_order_final
         self.sde = sde
         self.time = as_clock(time)

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
-from ._likelihood import BPD_TOL, bits_per_dim
+from ._likelihood import bits_per_dim
+from ._options import ODEOptions, as_scheduler, ode_options
 from ._results import BitsPerDimResult, BitsPerDimSummary, summarize_bits_per_dim
 from ._sde import AbstractSDE
 from ._validate import check_positive_int
@@ -51,6 +52,10 @@ class SolverBiasEstimate:
                 "nfe_tight_mean": float(self.nfe_tight.mean())}
 
 
+# The solve keywords of `bits_per_dim` that build its plan.
+_PLAN_KEYWORDS = ("solver", "rtol", "atol", "steps", "max_steps", "time", "schedule", "slots")
+
+
 def estimate_solver_bias(
     model: Callable, sde: AbstractSDE, x_int: ArrayLike, *, key: PRNGKeyArray, num_images: int,
     **options,
@@ -59,19 +64,25 @@ def estimate_solver_bias(
     at random: each is solved with `options` (as `bits_per_dim`) and again 100x tighter with the
     same key (same dequantization and probes); see the module docstring."""
     num_images = int(check_positive_int(num_images, "num_images") or 1)
-    if options.get("steps") is not None:
-        raise ValueError("check_solver needs an adaptive solve (steps=None)")
     if not isinstance(options.get("method", "ode"), str) or options.get("method", "ode") != "ode":
         raise ValueError("check_solver applies to method='ode' (the ELBO has no solver)")
-    rtol = float(options.pop("rtol", BPD_TOL))
-    atol = float(options.pop("atol", BPD_TOL))
+    plan_keywords = {k: options.pop(k) for k in _PLAN_KEYWORDS if k in options}
+    slots = plan_keywords.pop("slots", "auto")
+    plan = ode_options(
+        options.pop("options", None), lambda **given: ODEOptions.bits_per_dim(sde, **given),
+        scheduler=None if slots == "auto" else as_scheduler(slots), **plan_keywords,
+    )
+    if not plan.adaptive:
+        raise ValueError("check_solver needs an adaptive solve (steps=None)")
+    tight = plan.replace(rtol=plan.rtol / 100, atol=plan.atol / 100)
+    rtol, atol = float(plan.rtol), float(plan.atol)
     x_int = x_int if isinstance(x_int, jax.Array) else np.asarray(x_int)
     n = int(x_int.shape[0])
     k_pick, k_eval = jax.random.split(key)
     idx = np.sort(np.asarray(jax.random.choice(k_pick, n, (min(num_images, n),), replace=False)))
     sub = x_int[idx]
-    a = bits_per_dim(model, sde, sub, key=k_eval, rtol=rtol, atol=atol, **options)
-    b = bits_per_dim(model, sde, sub, key=k_eval, rtol=rtol / 100, atol=atol / 100, **options)
+    a = bits_per_dim(model, sde, sub, key=k_eval, options=plan, **options)
+    b = bits_per_dim(model, sde, sub, key=k_eval, options=tight, **options)
     diff = np.asarray(a.bpd, np.float64) - np.asarray(b.bpd, np.float64)
     se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size >= 2 else float("nan")
     return SolverBiasEstimate(
@@ -138,6 +149,20 @@ def evaluate_bits_per_dim(
     bias of the mean beside the statistical `ev.summary.sem`, with its standard error
     `ev.solver_bias_se`. It costs N solves at each tolerance (the key is `fold_in(key,
     repeats)`, unused by the repeats).
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x_int`: integer images [N, ...].
+    - `key`: the PRNG key (fresh dequantization noise and probes per repeat).
+    - `num_probes`: Hutchinson probes per image.
+    - `repeats`: fresh dequantizations of the whole set.
+    - `batch_size`: images per call of `bits_per_dim` (None: all at once).
+    - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the
+      solve keywords).
+    - `check_solver`: re-solve this many images at 100x tighter tolerances to estimate the
+      solver's bias of the mean (None: no check).
     """
     num_check = check_positive_int(check_solver, "check_solver", allow_none=True)
     repeats = check_positive_int(repeats, "repeats")

@@ -9,6 +9,7 @@ with its own adaptive step sizes, so a result never depends on what else is in t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import diffrax
@@ -17,19 +18,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PRNGKeyArray
 
-from ._divergence import (
-    DIVERGENCE_MODES,
-)
-from ._dpm import AbstractExponentialIntegrator
 from ._nfe import (
     FirstStepCountingController,
-    count_evaluations,
-    error_order,
+    evaluations,
     first_step_attempts,
     raise_if_failed,
     select_initial_step,
 )
-from ._options import ODEOptions, make_ode_options
+from ._options import ODEOptions, Refill, ode_options
+from ._refill import refill_solve
 from ._results import (
     DecodeResult,
     EncodeResult,
@@ -50,8 +47,6 @@ from ._validate import (
     error_if_nonfinite,
 )
 
-_DIVERGENCE_MODES = DIVERGENCE_MODES
-
 
 class ProbabilityFlowODE(eqx.Module):
     """dx/dt = f(t) x - 1/2 g(t)^2 score(t, x), eq. (13), as a diffrax vector field."""
@@ -68,31 +63,31 @@ class ProbabilityFlowODE(eqx.Module):
 
 def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde: AbstractSDE):
     """One diffrax solve of one example from t0 to t1 of the probability-flow ODE of `sde`;
-    returns (y1, nfe, num_steps). The solve runs in `opts.clock`, on `opts.schedule`'s times
-    when it has fixed steps.
+    returns (y1, nfe, num_steps). The solve runs in `opts.time`, on `opts.schedule`'s times
+    when it has fixed steps; the solver's facts come from `opts.traits`.
 
     A solve that fails (max_steps reached, step size underflow, non-finite values) raises through
     `eqx.error_if` with a message that names the fix.
     """
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
     solver = opts.solver
-    clock = opts.clock
+    clock = opts.time
     ts = None
-    if opts.schedule is not None:
+    if opts.schedule is not None and opts.steps is not None:  # a fixed-step plan has both
         ts = opts.schedule.clock_times(sde, clock, t0, t1, opts.steps, dtype)
     # Solve in the clock c: dy/dc = F(t(c), y) dt/dc (see _time.py).
     vector_field = clock.wrap(vector_field, sde)
     t0, t1 = clock.static_to_clock(sde, t0), clock.static_to_clock(sde, t1)
-    if isinstance(solver, AbstractExponentialIntegrator):
-        solver = solver.bind(sde, clock, opts.steps)
+    if opts.traits.needs_binding:
+        solver = solver.bind(sde, clock, opts.steps)  # pyright: ignore[reportAttributeAccessIssue]
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
         # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
-        controller = FirstStepCountingController(
+        controller = FirstStepCountingController(  # pyright: ignore[reportCallIssue]
             diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
         )
         dt0, _ = select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol,
-                                     error_order(solver, term))
+                                     opts.traits.step_order)
     else:
         controller = diffrax.StepTo(ts=ts)
         dt0 = None
@@ -112,7 +107,7 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     num_steps = sol.stats["num_steps"]
     # StepTo accepts every step: one attempt at the first.
     first = first_step_attempts(sol.controller_state) if opts.adaptive else 1
-    nfe = count_evaluations(opts.solver, num_steps, first, adaptive=opts.adaptive)
+    nfe = evaluations(opts.traits.costs, num_steps, first, adaptive=opts.adaptive)
     y1 = raise_if_failed(y1, sol.result, opts.max_steps, "ODE")
     return y1, nfe, num_steps
 
@@ -131,20 +126,36 @@ def _check_flow_inputs(model, sde, x, eps, name="x"):
 # --------------------------------------------------------------------------- encode / decode
 
 
+def _solve_batch(model, sde, y0, t0: float, t1: float, opts: ODEOptions):
+    """Every example's solve of the ODE from t0 to t1, in lockstep (a vmapped `solve_flow`) or
+    refilled (`refill_solve`), as the plan's scheduler says."""
+    vf = ProbabilityFlowODE(model, sde)
+    if isinstance(opts.scheduler, Refill):
+        y1, nfe, num_steps, result = refill_solve(
+            lambda _: vf, y0, jnp.zeros(y0.shape[:1], y0.dtype), t0, t1, opts, sde=sde
+        )
+        return raise_if_failed(y1, result, opts.max_steps, "ODE"), nfe, num_steps
+    return jax.vmap(lambda y: solve_flow(vf, y, t0, t1, opts, sde=sde))(y0)
+
+
 @eqx.filter_jit
 def _encode(model, sde, x, eps, opts):
     check_model(model, x.shape[1:], x.dtype)
     x = error_if_nonfinite(x, "x")
-    vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda xi: solve_flow(vf, xi, eps, sde.T, opts, sde=sde))(x)
+    return _solve_batch(model, sde, x, eps, sde.T, opts)
 
 
 @eqx.filter_jit
 def _decode(model, sde, z, eps, opts):
     check_model(model, z.shape[1:], z.dtype)
     z = error_if_nonfinite(z, "z")
-    vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda zi: solve_flow(vf, zi, sde.T, eps, opts, sde=sde))(z)
+    return _solve_batch(model, sde, z, sde.T, eps, opts)
+
+
+def _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, shape):
+    opts = ode_options(options, solver=solver, rtol=rtol, atol=atol, steps=steps,
+                       max_steps=max_steps, time=time, schedule=schedule)
+    return opts.for_examples(math.prod(shape))
 
 
 def encode(
@@ -154,22 +165,34 @@ def encode(
     *,
     eps: float = 1e-3,
     solver: diffrax.AbstractSolver | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     steps: int | None = None,
-    max_steps: int = 16384,
-    time: str | AbstractClock = "t",
+    max_steps: int | None = None,
+    time: str | AbstractClock | None = None,
     schedule: str | AbstractStepSchedule | None = None,
+    options: ODEOptions | None = None,
 ) -> EncodeResult:
-    """Latents z = x(T) of a batch `x`, solving the probability-flow ODE from eps to T.
+    """Latents z = x(T) of a batch `x`, solving the probability-flow ODE (eq. 13) from eps to T.
 
-    `time="log_snr"` solves the ODE in lambda = log(scale / std) instead of t (same nfe counting).
-    With `steps=N`, `schedule` lays the N steps (`pf.EDMSchedule()`, "edm", or uniform in a
-    clock; None: the exponential integrator's own, else uniform in sqrt(t) for time="t" and in
-    the solve's clock otherwise).
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE (`pf.VPSDE`, `pf.SubVPSDE`, `pf.VESDE`).
+    - `x`: a batch of data [B, ...].
+    - `eps`: the smallest time, where the solve starts (default 1e-3).
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
+      settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
+      default.
+    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once:
+      ValueError); with `scheduler=pf.Refill(S)` an adaptive batch is solved S examples at a
+      time, each example's result that of its own solve, at the batch's mean NFE.
+
+    **Returns:** `EncodeResult` with `z` [B, ...], `nfe` [B] and `num_steps` [B].
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
+    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
+                         x.shape[1:])
     z, nfe, num_steps = _encode(model, sde, x, eps, opts)
     return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
 
@@ -181,22 +204,34 @@ def decode(
     *,
     eps: float = 1e-3,
     solver: diffrax.AbstractSolver | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     steps: int | None = None,
-    max_steps: int = 16384,
-    time: str | AbstractClock = "t",
+    max_steps: int | None = None,
+    time: str | AbstractClock | None = None,
     schedule: str | AbstractStepSchedule | None = None,
+    options: ODEOptions | None = None,
 ) -> DecodeResult:
-    """Data x = x(eps) from a batch of latents `z`, solving the ODE from T back to eps.
+    """Data x = x(eps) from a batch of latents `z`, solving the ODE (eq. 13) from T back to eps.
 
-    `time="log_snr"` solves the ODE in lambda = log(scale / std) instead of t (same nfe counting).
-    With `steps=N`, `schedule` lays the N steps (`pf.EDMSchedule()`, "edm", or uniform in a
-    clock; None: the exponential integrator's own, else uniform in sqrt(t) for time="t" and in
-    the solve's clock otherwise).
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `z`: a batch of latents [B, ...] (the state at time T).
+    - `eps`: the smallest time, where the solve ends (default 1e-3).
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
+      settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
+      default.
+    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once:
+      ValueError); with `scheduler=pf.Refill(S)` an adaptive batch is solved S examples at a
+      time, each example's result that of its own solve, at the batch's mean NFE.
+
+    **Returns:** `DecodeResult` with `x` [B, ...], `nfe` [B] and `num_steps` [B].
     """
     sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
+    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
+                         z.shape[1:])
     x, nfe, num_steps = _decode(model, sde, z, eps, opts)
     return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
 
@@ -210,25 +245,42 @@ def sample_ode(
     key: PRNGKeyArray,
     eps: float = 1e-3,
     solver: diffrax.AbstractSolver | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     steps: int | None = None,
-    max_steps: int = 16384,
+    max_steps: int | None = None,
     dtype=None,
-    time: str | AbstractClock = "t",
+    time: str | AbstractClock | None = None,
     schedule: str | AbstractStepSchedule | None = None,
+    options: ODEOptions | None = None,
 ) -> SampleResult:
-    """`num_samples` samples of the given example `shape`: prior draws decoded by the ODE."""
+    """`num_samples` samples of the given example `shape`: prior draws decoded by the ODE.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `num_samples`: how many samples.
+    - `shape`: the shape of one example.
+    - `key`: the PRNG key of the prior draws.
+    - `eps`: the smallest time, where the solve ends (default 1e-3).
+    - `dtype`: the samples' dtype (default: JAX's default float).
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
+      settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
+      default.
+    - `options`: a `pf.ODEOptions` plan instead of the keywords above (both at once:
+      ValueError); with `scheduler=pf.Refill(S)` an adaptive batch is solved S examples at a
+      time, each example's result that of its own solve, at the batch's mean NFE.
+
+    **Returns:** `SampleResult` with `x` [num_samples, ...], `nfe` and `num_steps`.
+    """
     sde = check_sde(sde)
     num_samples = check_positive_int(num_samples, "num_samples")
     shape = check_shape(shape)
+    opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, shape)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
     z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(keys)
-    r = decode(
-        model, sde, z, eps=eps, solver=solver, rtol=rtol, atol=atol, steps=steps,
-        max_steps=max_steps, time=time, schedule=schedule,
-    )
+    r = decode(model, sde, z, eps=eps, options=opts)
     return SampleResult(x=r.x, nfe=r.nfe, num_steps=r.num_steps)
-
 

@@ -32,13 +32,13 @@ from ._divergence import (
     GaussianTrace,
     make_trace_estimator,
 )
-from ._dpm import AbstractExponentialIntegrator
 from ._elbo import VariationalBound, as_bound, elbo
 from ._flow import _check_flow_inputs, solve_flow
-from ._options import make_ode_options
-from ._refill import check_refill_solver, default_slots, refill_log_likelihood
+from ._nfe import raise_if_failed
+from ._options import ODEOptions, Refill, as_scheduler, ode_options
+from ._refill import refill_solve
 from ._results import BitsPerDimResult, LikelihoodResult
-from ._sde import VPSDE, AbstractSDE
+from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
 from ._validate import (
     check_eps,
@@ -56,21 +56,50 @@ _DIVERGENCE_MODES = DIVERGENCE_MODES
 # --------------------------------------------------------------------------- likelihoods
 
 
+class _LikelihoodIntegrand(eqx.Module):
+    """The likelihood's integrand, written once for both schedulers: the augmented ODE
+    (x, delta) of one example with its probes, its start and its log-density (appendix D)."""
+
+    model: Callable
+    sde: AbstractSDE
+    estimator: AbstractTraceEstimator
+    divergence_mode: str = eqx.field(static=True)
+
+    def start(self, x, key):
+        """(y0, probes) of one example: the probes are drawn once, fixed for the whole solve."""
+        probes = self.estimator.draw(key, x.shape, x.dtype)
+        # One divergence integral per probe, all from the same linearisations of the model.
+        return (x, jnp.zeros((self.estimator.num_probes,), x.dtype)), probes
+
+    def vector_field(self, probes):
+        return AugmentedProbabilityFlowODE(
+            self.model, self.sde, probes, self.divergence_mode, self.estimator
+        )
+
+    def log_density(self, y1):
+        """log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D), one per probe."""
+        z, delta = y1
+        return self.sde.prior_logp(z) + delta
+
+
 @eqx.filter_jit
 def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
+    """Every example's (logp per probe, z, nfe, num_steps), solved in lockstep (a vmapped
+    `solve_flow`) or refilled (`refill_solve`) as the plan's scheduler says."""
     check_model(model, x.shape[1:], x.dtype)
     x = error_if_nonfinite(x, "x")
-
-    def one(xi, key):
-        probes = estimator.draw(key, xi.shape, xi.dtype)
-        vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode, estimator)
-        # One divergence integral per probe, all from the same linearisations of the model.
-        y0 = (xi, jnp.zeros((estimator.num_probes,), xi.dtype))
-        (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts, sde=sde)
-        # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D)
-        return sde.prior_logp(z) + delta, z, nfe, num_steps
-
-    return jax.vmap(one)(x, keys)
+    integrand = _LikelihoodIntegrand(model, sde, estimator, divergence_mode)
+    y0, probes = jax.vmap(integrand.start)(x, keys)
+    if isinstance(opts.scheduler, Refill):
+        y1, nfe, num_steps, result = refill_solve(
+            integrand.vector_field, y0, probes, eps, sde.T, opts, sde=sde
+        )
+        y1 = raise_if_failed(y1, result, opts.max_steps, "ODE")
+    else:
+        y1, nfe, num_steps = jax.vmap(
+            lambda y, p: solve_flow(integrand.vector_field(p), y, eps, sde.T, opts, sde=sde)
+        )(y0, probes)
+    return jax.vmap(integrand.log_density)(y1), y1[0], nfe, num_steps
 
 
 def _check_likelihood_options(trace, num_probes, key, divergence_mode, control_variate, x):
@@ -104,53 +133,65 @@ def log_likelihood(
     control_variate: GaussianControlVariate | None = None,
     eps: float = 1e-5,
     solver: diffrax.AbstractSolver | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     steps: int | None = None,
-    max_steps: int = 16384,
+    max_steps: int | None = None,
     divergence_mode: str = "jvp",
-    time: str | AbstractClock = "t",
+    time: str | AbstractClock | None = None,
     schedule: str | AbstractStepSchedule | None = None,
-    slots: int | None = None,
+    slots: int | str | None = None,
+    options: ODEOptions | None = None,
 ) -> LikelihoodResult:
     """log p_eps(x) in nats for a batch, by the ODE augmented with the divergence (appendix D).
 
-    log p_eps(x) = sde.prior_logp(z) + int_eps^T div F(x(t), t) dt with z = x(T). The divergence is
-    exact (`trace="exact"`, one push per dimension) or Hutchinson's estimate with `num_probes`
-    probes, fixed for the whole solve and independent per example: `"rademacher"` (the default,
-    the least noisy) or `"gaussian"` (on the whole drift's Jacobian, as the paper's code;
-    `control_variate=pf.GaussianControlVariate.fit(data)` removes most of its extra noise). `trace`
-    may also be an estimator object (`pf.RademacherTrace(num_probes)`, `pf.GaussianTrace`,
-    `pf.ExactTrace()`). Each probe gets its own divergence integral from the same model
-    evaluations: `r.logp_probes` [B, P], `r.logp` their mean, and the spread between them
-    estimates the probe noise (`pf.summarize_bits_per_dim`). `time="log_snr"` solves in
-    lambda-time; the exponential integrators (`pf.DPMSolver`, `pf.DPMSolverMultistep`) integrate
-    the divergence alongside x (see `_dpm.py`).
+    log p_eps(x) = sde.prior_logp(z) + int_eps^T div F(x(t), t) dt with z = x(T). Each probe gets
+    its own divergence integral from the same model evaluations: `r.logp_probes` [B, P],
+    `r.logp` their mean, and the spread between them estimates the probe noise
+    (`pf.summarize_bits_per_dim`). The exponential integrators (`pf.DPMSolver`,
+    `pf.DPMSolverMultistep`) integrate the divergence alongside x (see `_dpm.py`).
 
-    `slots=S` solves an adaptive batch S examples at a time, refilling a slot as soon as its
-    example finishes (`_refill.py`): the batch then costs its mean NFE, not its largest, and each
-    example's result and `nfe` are those of its own solve whatever else is in the batch. With
-    `slots=None` (the default here) the batch runs in lockstep; fixed-step solves (`steps=N`) cost
-    the same for every example and always do.
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `x`: a batch of data [B, ...] in the model's range.
+    - `key`: the PRNG key of the Hutchinson probes (not needed for `trace="exact"`).
+    - `trace`: the divergence: `"rademacher"` (the default, the least noisy), `"gaussian"` (on
+      the whole drift's Jacobian, as the paper's code), `"exact"` (one push per dimension), or an
+      estimator object (`pf.RademacherTrace(num_probes)`, `pf.GaussianTrace`, `pf.ExactTrace()`).
+    - `num_probes`: Hutchinson probes per example, fixed for the whole solve.
+    - `control_variate`: a `pf.GaussianControlVariate` for `trace="gaussian"`, which removes most
+      of its extra noise.
+    - `eps`: the smallest time, where the solve starts (default 1e-5).
+    - `divergence_mode`: how the divergence is pushed through the model (`"jvp"`, the default).
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
+      settings, as in `pf.ODEOptions` (which owns their defaults); not given (None): the
+      default.
+    - `slots`: the plan's scheduler: S for `pf.Refill(S)` (S examples at a time, a slot refilled
+      as soon as its example finishes, so the batch costs its mean NFE and each example's result
+      is that of its own solve), `"auto"` for `pf.Refill()`, None or `"lockstep"` for
+      `pf.Lockstep()` (the default here). Fixed-step solves always run in lockstep.
+    - `options`: a `pf.ODEOptions` plan instead of the solve keywords and `slots` (both at
+      once: ValueError).
+
+    **Returns:** `LikelihoodResult` with `logp` [B], `logp_probes` [B, P], `z`, `nfe`,
+    `num_steps`.
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
     estimator = _check_likelihood_options(
         trace, num_probes, key, divergence_mode, control_variate, x
     )
-    opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
-    slots = check_positive_int(slots, "slots", allow_none=True)
+    opts = ode_options(
+        options, solver=solver, rtol=rtol, atol=atol, steps=steps, max_steps=max_steps,
+        time=time, schedule=schedule, scheduler=None if slots is None else as_scheduler(slots),
+    ).for_examples(math.prod(x.shape[1:]))
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
     keys = jax.random.split(key, x.shape[0])
-    if slots is not None and opts.adaptive:
-        check_refill_solver(opts.solver, opts.clock)
-        logp_probes, z, nfe, num_steps = refill_log_likelihood(
-            model, sde, x, keys, eps, opts, estimator, divergence_mode, slots
-        )
-    else:
-        logp_probes, z, nfe, num_steps = _log_likelihood(
-            model, sde, x, keys, eps, opts, estimator, divergence_mode
-        )
+    logp_probes, z, nfe, num_steps = _log_likelihood(
+        model, sde, x, keys, eps, opts, estimator, divergence_mode
+    )
     return LikelihoodResult(
         logp=jnp.mean(logp_probes, axis=1), z=z, nfe=nfe, num_steps=num_steps,
         logp_probes=logp_probes, exact_trace=isinstance(estimator, ExactTrace),
@@ -175,17 +216,6 @@ def _dequantize(x_int, key, num_bins, lo, hi, dequantization, dtype, sde, eps):
     return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi)), log_q
 
 
-#: bits_per_dim's tolerance, chosen on digits-vp and an mnist-5k U-Net (docs/benchmarks.md,
-#: "Bits/dim on real networks"): a solver bias far below 1e-3 bits/dim and a test set's standard
-#: error, at half the evaluations of rtol = atol = 1e-5, which `log_likelihood` keeps (the
-#: contract's shared default) and the paper uses (RK45).
-#: bits_per_dim's defaults: diffrax.Dopri5() in sqrt(t) time (VP) at rtol = atol = 3e-4, from the
-#: work-precision sweep of benchmarks/likelihood_real.py (docs/benchmarks.md): on the shipped
-#: digits U-Net and an MNIST U-Net the fastest setting whose bias stays far below 1e-3 bits/dim.
-BPD_TOL = 3e-4
-BPD_TIME = "sqrt_t"
-
-
 def bits_per_dim(
     model: Callable,
     sde: AbstractSDE,
@@ -198,13 +228,17 @@ def bits_per_dim(
     eps: float = 1e-5,
     dtype=None,
     solver: diffrax.AbstractSolver | None = None,
-    rtol: float = BPD_TOL,
-    atol: float = BPD_TOL,
+    rtol: float | None = None,
+    atol: float | None = None,
+    steps: int | None = None,
+    max_steps: int | None = None,
     time: str | AbstractClock | None = None,
+    schedule: str | AbstractStepSchedule | None = None,
     slots: int | str | None = "auto",
     method: str | VariationalBound = "ode",
     dequantization: AbstractDequantization | None = None,
     importance_samples: int = 1,
+    options: ODEOptions | None = None,
     **likelihood_options,
 ) -> BitsPerDimResult:
     """Bits per dimension of integer data under uniform dequantization.
@@ -215,21 +249,18 @@ def bits_per_dim(
         bpd = -(log p(x) + D log((hi - lo) / num_bins)) / (D log 2),
 
     the negative log-likelihood of y / num_bins on [0, 1]^D in bits per dimension, an upper bound on
-    the discrete data's code length (Theis et al. 2016). `likelihood_options` go to
-    `log_likelihood` (`trace="rademacher"` by default, `num_probes`, solver options). `r.bpd_probes`
-    [B, P] holds one value per probe; `pf.summarize_bits_per_dim(r)` (or a list of results with
-    fresh `key`s, for repeated dequantization) gives the data set's mean, its standard error, and
-    the spread between images and the probe noise separately.
+    the discrete data's code length (Theis et al. 2016). `r.bpd_probes` [B, P] holds one value per
+    probe; `pf.summarize_bits_per_dim(r)` (or a list of results with fresh `key`s, for repeated
+    dequantization) gives the data set's mean, its standard error, and the spread between images
+    and the probe noise separately.
 
-    Defaults: `diffrax.Dopri5()` at rtol = atol = 3e-4 in the clock that suits the SDE
-    (`time=None`: "sqrt_t" for `VPSDE`, whose std(t) ~ sqrt(t) near 0, else "t"; "t" for the
-    exponential integrators), with `slots="auto"`
-    (on CPU 64 slots for examples of up to 512 dimensions, 32 up to 2048, else 16; 1024 on
-    accelerators; see `log_likelihood`). On the shipped digits model and an MNIST U-Net the
-    solver's bias of the mean is a few 1e-4 bits/dim or less, far below a test set's standard
-    error, at less than half the evaluations of Tsit5 at 1e-5 (docs/benchmarks.md). The
-    paper's setting is one option away: `solver=diffrax.Dopri5(), rtol=1e-5, atol=1e-5,
-    time="t"` (its RK45 is Dormand--Prince 5(4)); `slots=None` solves the batch in lockstep.
+    The solve plan's defaults are `pf.ODEOptions.bits_per_dim(sde)`: `diffrax.Dopri5()` at
+    rtol = atol = 3e-4, in sqrt(t) time for `VPSDE` and t otherwise, refilled slots. On the
+    shipped digits models the solver's estimated bias of the mean is +0.0016 +- 0.0007 (VP) and
+    +0.0006 +- 0.0008 (sub-VP) bits/dim, below a tenth of the standard error of 300 test images,
+    at less than half the evaluations of Tsit5 at 1e-5 (docs/likelihood.md,
+    `pf.evaluate_bits_per_dim(check_solver=N)` measures it for your model). The paper's setting
+    is `options=pf.ODEOptions.paper()`.
 
     `dequantization`: `pf.UniformDequantization()` (the default, u above) or
     `pf.TruncatedNormalDequantization()` (i-DODE: noise matched to eps, a tighter bound); then
@@ -244,11 +275,41 @@ def bits_per_dim(
     `method="elbo"` (or a `pf.VariationalBound(...)`) replaces log p(y) by minus the variational
     bound of `pf.elbo` (no ODE solve; the solver options are then unused and `r.z` is None).
     See docs/likelihood.md.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `x_int`: a batch of integer data [B, ...] in [0, num_bins).
+    - `key`: the PRNG key of the dequantization noise and the probes.
+    - `num_bins`: the number of levels of the data (256 for 8-bit images).
+    - `data_range`: (lo, hi), the model's data range.
+    - `dequantize`: add uniform noise (True) or use u = 1/2 (False).
+    - `eps`: the smallest time, where the solve starts (default 1e-5).
+    - `dtype`: the dtype of the model's input (default: JAX's default float).
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `time`, `schedule`: the solve plan's
+      settings, as in `pf.ODEOptions.bits_per_dim(sde)` (which owns their defaults); not given
+      (None): the default.
+    - `slots`: the scheduler: `"auto"` (the default: `pf.Refill()`), S (`pf.Refill(S)`), None or
+      `"lockstep"` (`pf.Lockstep()`); see `log_likelihood`.
+    - `options`: a `pf.ODEOptions` plan instead of the solve keywords and `slots` (both at once:
+      ValueError).
+    - `method`: "ode" (the default) or "elbo" / a `pf.VariationalBound(...)`: the bound of
+      `pf.elbo` instead of the ODE's log-likelihood.
+    - `dequantization`: `pf.UniformDequantization()` (None: the default) or
+      `pf.TruncatedNormalDequantization()`.
+    - `importance_samples`: K dequantization draws per image, combined by log-mean-exp.
+    - `likelihood_options`: `log_likelihood`'s other options (`trace`, `num_probes`,
+      `control_variate`, `divergence_mode`).
+
+    **Returns:** `BitsPerDimResult` with `bpd` [B], `bpd_probes` [B, P], `logp`, `z` (None for
+    the ELBO), `nfe`, `num_steps`, `log_weights` [B, K, P].
     """
     if isinstance(x_int, (list, tuple)):
         x_int = jnp.asarray(x_int)
-    if not hasattr(x_int, "dtype") or not jnp.issubdtype(x_int.dtype, jnp.integer):
-        got = getattr(x_int, "dtype", type(x_int))
+    dtype_in = getattr(x_int, "dtype", None)
+    if dtype_in is None or not jnp.issubdtype(dtype_in, jnp.integer):
+        got = type(x_int) if dtype_in is None else dtype_in
         raise ValueError(
             f"x_int must be an integer array (pixel levels in [0, num_bins)), got {got}; "
             "pass the raw integer data, not values already scaled to the model's range"
@@ -280,21 +341,14 @@ def bits_per_dim(
     x_draws = x_int if k == 1 else jnp.concatenate([x_int] * k)  # row k * B + b: draw k of b
     x, log_q = _dequantize(x_draws, k_deq, num_bins, lo, hi, deq if dequantize else None, dtype,
                            sde, eps)
-    if isinstance(slots, str):
-        if slots != "auto":
-            raise ValueError(f"slots must be a positive integer, None or 'auto', got {slots!r}")
-        slots = default_slots(math.prod(x.shape[1:]))
-    if solver is None:
-        solver = diffrax.Dopri5()
-    if time is None:
-        # sqrt(t) suits the VP SDE, whose std(t) ~ sqrt(beta_min t) near 0 (the time change makes
-        # the field smooth there); sub-VP's std(t) ~ beta_min t and VE's is smooth already, so
-        # they stay in t (on digits-subvp sqrt(t) is biased by +2.5e-3 bits/dim, t by +5e-4).
-        vp = isinstance(sde, VPSDE) and not isinstance(solver, AbstractExponentialIntegrator)
-        time = BPD_TIME if vp else "t"
     if bound is None:
-        r = log_likelihood(model, sde, x, key=k_probe, eps=eps, solver=solver, rtol=rtol,
-                           atol=atol, time=time, slots=slots, **likelihood_options)
+        opts = ode_options(
+            options, lambda **given: ODEOptions.bits_per_dim(sde, **given), solver=solver,
+            rtol=rtol, atol=atol, steps=steps, max_steps=max_steps, time=time, schedule=schedule,
+            scheduler=None if slots == "auto" else as_scheduler(slots),
+        )
+        r = log_likelihood(model, sde, x, key=k_probe, eps=eps, options=opts,
+                           **likelihood_options)
         logp_probes, z, nfe, num_steps, exact = (
             r.logp_probes, r.z[:b], r.nfe, r.num_steps, r.exact_trace
         )

@@ -52,6 +52,17 @@ def dsm_loss(
     lambda = std^2, "likelihood" lambda = g^2 (Song et al. 2021b, whose loss bounds the negative
     log-likelihood). `importance_sampling` (likelihood weighting only) draws t with density
     proportional to g^2 / std^2 and reweights, which leaves the expectation unchanged.
+
+    **Arguments:**
+
+    - `model`: the score model.
+    - `sde`: its SDE.
+    - `x`: a batch of data [B, ...] in model space.
+    - `key`: the PRNG key of the times and the noise.
+    - `weighting`: "default" (lambda = std^2) or "likelihood" (lambda = g^2).
+    - `eps`: the smallest time drawn.
+    - `importance_sampling`: draw t with density proportional to g^2 / std^2 (likelihood weighting
+      only).
     """
     x = jnp.asarray(x)
     if weighting not in _WEIGHTINGS:

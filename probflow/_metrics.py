@@ -59,6 +59,14 @@ def sliced_wasserstein(
     theta uniform on the unit sphere estimated with `num_projections` directions drawn from `key`
     (the same directions for both clouds). Each one-dimensional W_p compares sorted projections
     (quantile functions on max(N, M) levels; exact for N == M).
+
+    **Arguments:**
+
+    - `x`: a point cloud [N, ...].
+    - `y`: another [M, ...] of the same example shape.
+    - `key`: the PRNG key of the directions.
+    - `num_projections`: the number of directions.
+    - `p`: the order of the distance.
     """
     x = _as_points(x, "x")
     y = _as_points(y, "y")
@@ -79,6 +87,11 @@ def frechet_distance(feat_a: ArrayLike, feat_b: ArrayLike) -> float:
 
     The Frechet (2-Wasserstein) distance between the Gaussians with the sets' means and
     covariances, computed in float64 on the host.
+
+    **Arguments:**
+
+    - `feat_a`: features [N, F] of one set.
+    - `feat_b`: features [M, F] of the other.
     """
     a = np.asarray(feat_a, np.float64)
     b = np.asarray(feat_b, np.float64)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any, cast
 
 import diffrax
 import equinox as eqx
@@ -30,12 +31,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int
 
+from ._time import AbstractClock, AbstractStepSchedule, LinearTime, LogSNRTime, SqrtTime
+
 # (at initialisation, per attempt before the first accepted step, per later attempt)
 Costs = tuple[int, int, int]
 
 
 class AbstractCountedSolver(eqx.Module):
-    """A probflow solver that states its own evaluation costs (mixed into diffrax solvers)."""
+    """A probflow solver that states its own traits (mixed into diffrax solvers): its evaluation
+    costs, whether it has an error estimate, the clocks it runs in, and whether probflow binds it
+    to the SDE before a solve (`SolverTraits`)."""
 
     @abc.abstractmethod
     def evaluation_costs(self) -> Costs:
@@ -47,6 +52,27 @@ class AbstractCountedSolver(eqx.Module):
         """Whether the solver has an error estimate (can run with steps=None)."""
         return False
 
+    @property
+    def clocks(self) -> tuple[type[AbstractClock], ...]:
+        """The clocks (`time=`) the solver runs in."""
+        return _ALL_CLOCKS
+
+    @property
+    def refill_clocks(self) -> tuple[type[AbstractClock], ...]:
+        """The clocks in which the refill scheduler (`pf.Refill`) can run it (none: never)."""
+        return ()
+
+    @property
+    def needs_binding(self) -> bool:
+        """Whether probflow binds it to the SDE, clock and step count before a solve (`bind`)."""
+        return False
+
+    def step_schedule(self) -> AbstractStepSchedule | None:
+        """The solver's own schedule for a fixed-step solve (None: the plan's default)."""
+        return None
+
+
+_ALL_CLOCKS: tuple[type[AbstractClock], ...] = (LinearTime, LogSNRTime, SqrtTime)
 
 _SUPPORTED = (
     "explicit Runge-Kutta solvers (Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, "
@@ -60,6 +86,8 @@ _SUPPORTED = (
 # tableau, and whether it solves ODEs and/or SDEs here. Measured against a host-side counter
 # (tests/test_nfe.py, tests/test_samplers.py); the SDE's diffusion term never calls the model, and
 # no SDE solver here carries an evaluation from one step to the next (no FSAL tableau).
+# Adding a diffrax solver is one row here (or nothing, for an explicit Runge--Kutta tableau);
+# a probflow solver states its traits itself (`AbstractCountedSolver`).
 _COSTS: dict[type, tuple[Costs, bool, bool]] = {  # type: (costs, solves ODEs, solves SDEs)
     diffrax.Euler: ((0, 1, 1), True, True),
     diffrax.LeapfrogMidpoint: ((0, 1, 1), True, False),
@@ -77,39 +105,68 @@ _COSTS: dict[type, tuple[Costs, bool, bool]] = {  # type: (costs, solves ODEs, s
 # Explicit Runge--Kutta tableaus that also solve the (Stratonovich, additive-noise) reverse SDE;
 # their costs follow from the tableau, as for ODEs.
 _SDE_TABLEAU_SOLVERS = (diffrax.Heun, diffrax.Midpoint, diffrax.Ralston)
+# Solvers of the table above with an error estimate for ODEs (tableaus: from `b_error`).
+_ADAPTIVE_ODE_SOLVERS = (diffrax.ReversibleHeun,)
 # SDE solvers with an error estimate that diffrax accepts for adaptive SDE solves.
 ADAPTIVE_SDE_SOLVERS = (diffrax.Heun, diffrax.ReversibleHeun, diffrax.SRA1, diffrax.ShARK,
                         diffrax.SPaRK)
 
 
-def _tableau_costs(solver) -> Costs | None:
-    if isinstance(solver, diffrax.AbstractRungeKutta):
-        tableau = solver.tableau
-        if isinstance(tableau, diffrax.ButcherTableau) and not tableau.implicit:
-            stages = len(tableau.c) + 1
-            return 0, stages, stages - 1 if tableau.fsal else stages
+def _explicit_tableau(solver) -> diffrax.ButcherTableau | None:
+    """The Butcher tableau of an explicit Runge--Kutta solver (not wrapped), else None."""
+    if (
+        not isinstance(solver, diffrax.HalfSolver)  # isinstance sees through the wrapper
+        and isinstance(solver, diffrax.AbstractRungeKutta)
+        and isinstance(solver.tableau, diffrax.ButcherTableau)
+        and not solver.tableau.implicit
+    ):
+        return solver.tableau
     return None
 
 
-def solver_costs(solver, *, sde: bool = False) -> Costs:
-    """(evaluations at init, per attempt at the first step, per later attempt) of `solver` in an
-    ODE solve, or with `sde=True` in a reverse-SDE solve: the one cost table of every family."""
-    if sde:
-        entry = _COSTS.get(type(solver))
-        costs = entry[0] if entry is not None and entry[2] else None
-        if costs is None and type(solver) in _SDE_TABLEAU_SOLVERS:
-            costs = _tableau_costs(solver)
-        if costs is None:
-            names = sorted([c.__name__ for c, e in _COSTS.items() if e[2]]
-                           + [c.__name__ for c in _SDE_TABLEAU_SOLVERS])
-            raise ValueError(
-                f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
-                f"score evaluations exactly and knows how for the diffrax SDE solvers "
-                f"{', '.join(names)}"
-            )
-        return costs
+def _tableau_costs(solver) -> Costs | None:
+    tableau = _explicit_tableau(solver)
+    if tableau is None:
+        return None
+    stages = len(tableau.c) + 1
+    return 0, stages, stages - 1 if tableau.fsal else stages
+
+
+class SolverTraits(eqx.Module):
+    """What probflow needs to know about a solver, computed once from the one table
+    (`solver_traits`) and carried in the solve plan (`pf.ODEOptions.traits`,
+    `pf.SDEOptions.traits`): the solves, the refill scheduler and the NFE counters read these
+    fields and never inspect the solver again."""
+
+    costs: Costs  # evaluations (at initialisation, per attempt at the first step, per later one)
+    adaptive: bool  # has an error estimate: can choose its own steps (steps=None)
+    fsal: bool  # first-same-as-last explicit Runge--Kutta tableau
+    explicit_rk: bool  # an explicit Runge--Kutta tableau (not wrapped)
+    error_order: float | None  # diffrax's error order for an ODE term (as its controller uses)
+    clocks: tuple[type[AbstractClock], ...]  # the clocks (`time=`) it runs in
+    refill_clocks: tuple[type[AbstractClock], ...]  # those in which `pf.Refill` can run it
+    needs_binding: bool  # probflow binds it to the SDE before a solve (exponential integrators)
+
+    @property
+    def step_order(self) -> float:
+        """The order of the initial step-size selection (diffrax's error order, 2 if none)."""
+        return 2.0 if self.error_order is None else float(self.error_order)
+
+    @property
+    def refillable(self) -> bool:
+        return bool(self.refill_clocks)
+
+
+def _unsupported(solver) -> ValueError:
+    return ValueError(
+        f"solver={type(solver).__name__} is not supported: probflow counts score evaluations "
+        f"exactly and knows how for {_SUPPORTED}"
+    )
+
+
+def _ode_costs_and_adaptive(solver) -> tuple[Costs, bool]:
     if isinstance(solver, AbstractCountedSolver):
-        return solver.evaluation_costs()
+        return solver.evaluation_costs(), solver.supports_adaptive
     # First: diffrax's isinstance sees through wrapped solvers (HalfSolver(Euler()) "is" Euler).
     if isinstance(solver, diffrax.HalfSolver):
         if isinstance(solver.solver, AbstractCountedSolver):
@@ -120,7 +177,7 @@ def solver_costs(solver, *, sde: bool = False) -> Costs:
                 "pf.DPMSolver(order=3) instead"
             )
         try:
-            init, first, later = solver_costs(solver.solver)
+            (init, first, later), _ = _ode_costs_and_adaptive(solver.solver)
         except ValueError:
             raise ValueError(
                 f"solver=HalfSolver({type(solver.solver).__name__}) is not supported: probflow "
@@ -128,39 +185,71 @@ def solver_costs(solver, *, sde: bool = False) -> Costs:
             ) from None
         # The full step and the first half step start from the step's solver state; the second
         # half step from the first half step's (after which FSAL is available).
-        return init, 2 * first + later, 3 * later
+        return (init, 2 * first + later, 3 * later), True
     entry = _COSTS.get(type(solver))
-    costs = entry[0] if entry is not None and entry[1] else _tableau_costs(solver)
+    if entry is not None and entry[1]:
+        return entry[0], isinstance(solver, _ADAPTIVE_ODE_SOLVERS)
+    costs = _tableau_costs(solver)
     if costs is None:
+        raise _unsupported(solver)
+    b_error = solver.tableau.b_error
+    adaptive = b_error is not None and any(float(b) != 0.0 for b in b_error)
+    return costs, bool(adaptive)
+
+
+def _sde_costs(solver) -> Costs:
+    entry = _COSTS.get(type(solver))
+    costs = entry[0] if entry is not None and entry[2] else None
+    if costs is None and type(solver) in _SDE_TABLEAU_SOLVERS:
+        costs = _tableau_costs(solver)
+    if costs is None:
+        names = sorted([c.__name__ for c, e in _COSTS.items() if e[2]]
+                       + [c.__name__ for c in _SDE_TABLEAU_SOLVERS])
         raise ValueError(
-            f"solver={type(solver).__name__} is not supported: probflow counts score evaluations "
-            f"exactly and knows how for {_SUPPORTED}"
+            f"solver={type(solver).__name__} is not supported by sample_sde: probflow counts "
+            f"score evaluations exactly and knows how for the diffrax SDE solvers "
+            f"{', '.join(names)}"
         )
     return costs
 
 
-def has_error_estimate(solver, *, sde: bool = False) -> bool:
-    """Whether `solver` can choose its own steps: the one capability check of every family
-    (diffrax ODE solvers, probflow's exponential integrators, diffrax SDE solvers)."""
+def _identity_field(t, y, args):
+    return y
+
+
+def solver_traits(solver, *, sde: bool = False) -> SolverTraits:
+    """The traits of `solver` for a probability-flow ODE solve, or with `sde=True` for a
+    reverse-SDE solve; ValueError (one line) for a solver probflow cannot count. The one place
+    that inspects a solver."""
+    if not isinstance(solver, (diffrax.AbstractSolver, AbstractCountedSolver)):
+        raise ValueError(f"solver must be a diffrax solver, got {type(solver).__name__}")
     if sde:
-        return isinstance(solver, ADAPTIVE_SDE_SOLVERS)
-    if isinstance(solver, AbstractCountedSolver):
-        return solver.supports_adaptive
-    if isinstance(solver, diffrax.HalfSolver):  # first: isinstance sees through wrappers
-        return True
-    if isinstance(solver, (diffrax.Euler, diffrax.LeapfrogMidpoint)):
-        return False
-    if isinstance(solver, diffrax.AbstractRungeKutta):
-        return solver.tableau.b_error is not None and bool(
-            any(float(b) != 0.0 for b in solver.tableau.b_error)
+        return SolverTraits(
+            costs=_sde_costs(solver), adaptive=isinstance(solver, ADAPTIVE_SDE_SOLVERS),
+            fsal=False, explicit_rk=False, error_order=None, clocks=(), refill_clocks=(),
+            needs_binding=False,
         )
-    return True
+    costs, adaptive = _ode_costs_and_adaptive(solver)
+    tableau = _explicit_tableau(solver)
+    order = cast(Any, solver).error_order(diffrax.ODETerm(_identity_field))
+    error_order = None if order is None else float(order)
+    if isinstance(solver, AbstractCountedSolver):
+        clocks, refill, binds = solver.clocks, solver.refill_clocks, solver.needs_binding
+    else:
+        clocks, binds = _ALL_CLOCKS, False
+        # The refill scheduler steps explicit Runge--Kutta tableaus with an error estimate.
+        refill = _ALL_CLOCKS if tableau is not None and adaptive else ()
+    return SolverTraits(
+        costs=costs, adaptive=adaptive, fsal=tableau is not None and bool(tableau.fsal),
+        explicit_rk=tableau is not None, error_order=error_order, clocks=clocks,
+        refill_clocks=refill, needs_binding=binds,
+    )
 
 
-def error_order(solver, terms) -> float:
-    """diffrax's own error order (as its controller uses it; HalfSolver: order + 1)."""
-    order = solver.error_order(terms)
-    return 2.0 if order is None else float(order)
+def solver_costs(solver, *, sde: bool = False) -> Costs:
+    """(evaluations at init, per attempt at the first step, per later attempt) of `solver` in an
+    ODE solve, or with `sde=True` in a reverse-SDE solve (`solver_traits(...).costs`)."""
+    return solver_traits(solver, sde=sde).costs
 
 
 def select_initial_step(vector_field, y0, t0, t1, rtol, atol, order: float):
@@ -213,24 +302,33 @@ def raise_if_failed(y, result, max_steps: int, what: str):
     )
 
 
-def check_ode_solver(solver) -> None:
-    """Raise a clear error for solvers whose evaluations cannot be counted."""
-    if not isinstance(solver, (diffrax.AbstractSolver, AbstractCountedSolver)):
-        raise ValueError(f"solver must be a diffrax solver, got {type(solver).__name__}")
-    solver_costs(solver)
-
-
 def count_evaluations(
     solver, num_steps: ArrayLike, first_step_attempts: ArrayLike, *, adaptive: bool,
     sde: bool = False,
 ) -> Array:
     """Score-model evaluations of one solve that attempted `num_steps` steps, of which the
     first `first_step_attempts` were attempts at the first step (the rejected ones and the
-    accepted one; 1 for a fixed-step solve, see `FirstStepCountingController`). `adaptive`: add
-    probflow's initial step selection (ODE solves); `sde`: an SDE solve (its `solver_costs`)."""
+    accepted one; 1 for a fixed-step solve, see `FirstStepCountingController`).
+
+    **Arguments:**
+
+    - `solver`: the diffrax or probflow solver of the solve.
+    - `num_steps`: the steps it attempted (diffrax's `stats["num_steps"]`).
+    - `first_step_attempts`: the attempts at the first step, the accepted one included.
+    - `adaptive`: add probflow's initial step-size selection (2 evaluations; ODE solves).
+    - `sde`: a reverse-SDE solve (the solver's SDE costs).
+    """
+    costs = solver_traits(solver, sde=sde).costs
+    return evaluations(costs, num_steps, first_step_attempts, adaptive=adaptive)
+
+
+def evaluations(
+    costs: Costs, num_steps: ArrayLike, first_step_attempts: ArrayLike, *, adaptive: bool
+) -> Array:
+    """`count_evaluations` from a plan's `SolverTraits.costs` (what the solves call)."""
     num_steps = jnp.asarray(num_steps, jnp.int32)
     first = jnp.clip(jnp.asarray(first_step_attempts, jnp.int32), 0, num_steps)
-    init, on_first, later = solver_costs(solver, sde=sde)
+    init, on_first, later = costs
     nfe = init + on_first * first + later * (num_steps - first)
     if adaptive:
         nfe = nfe + 2
@@ -260,7 +358,8 @@ class FirstStepCountingController(diffrax.AbstractAdaptiveStepSizeController):
         return self.controller.norm
 
     def wrap(self, direction):
-        return FirstStepCountingController(self.controller.wrap(direction))
+        inner = self.controller.wrap(direction)
+        return FirstStepCountingController(inner)  # pyright: ignore[reportCallIssue]
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         tnext, state = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)

@@ -27,15 +27,12 @@ import jax.numpy as jnp
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
-from ._results import SampleResult
 from ._sde import VESDE, VPSDE, AbstractSDE
 from ._validate import (
     check_eps,
-    check_model,
     check_positive_float,
     check_positive_int,
     check_sde,
-    check_shape,
 )
 
 ScoreFn = Callable[[Scalar, Array], Array]
@@ -369,7 +366,7 @@ def solve_pc(
         max_steps=steps,
         throw=False,
     )
-    x = sol.ys[-1]
+    x = sol.ys[-1]  # pyright: ignore[reportOptionalSubscript]  (SaveAt(t1=True))
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     nfe = num_steps * solver.evaluations_per_step
     if denoise:
@@ -392,20 +389,6 @@ def solve_pc(
     return x, nfe.astype(jnp.int32), num_steps
 
 
-@eqx.filter_jit
-def _sample_pc(model, sde, keys, shape, dtype, eps, steps, predictor, corrector, denoise):
-    check_model(model, shape, dtype)  # once per trace
-    terms = diffrax.ODETerm(ScoreVectorField(model))
-    solver = PredictorCorrector(sde, predictor, corrector)
-
-    def one(key):
-        k_prior, k_chain = jax.random.split(key)
-        x_T = sde.prior_sample(k_prior, shape, dtype)
-        return solve_pc(terms, solver, x_T, k_chain, steps=steps, eps=eps, denoise=denoise)
-
-    return jax.vmap(one)(keys)
-
-
 def check_pc_options(sde, predictor, corrector, steps, eps):
     """Validate sample_pc's options (shared with the controllable samplers)."""
     sde = check_sde(sde)
@@ -425,37 +408,3 @@ def check_pc_options(sde, predictor, corrector, steps, eps):
     if corrector is not None:
         corrector.check_sde(sde)
     return sde, eps, steps
-
-
-def sample_pc(
-    model: Callable,
-    sde: AbstractSDE,
-    num_samples: int,
-    shape: tuple[int, ...],
-    *,
-    key: PRNGKeyArray,
-    predictor: AbstractPredictor = ReverseDiffusionPredictor(),
-    corrector: AbstractCorrector | None = LangevinCorrector(snr=0.16, steps=1),
-    steps: int = 1000,
-    eps: float = 1e-3,
-    denoise: bool = True,
-    dtype=None,
-) -> SampleResult:
-    """`num_samples` samples by predictor-corrector sampling (Algorithms 2, 3).
-
-    `steps` noise levels uniform in t from T down to eps; at each, one predictor step to the
-    next level, then `corrector.steps` Langevin steps there (none for `corrector=None`). With
-    `denoise`, the result is Tweedie's E[x_0 | x_eps], one more evaluation. `r.nfe` per example is
-    steps * (1 + corrector.steps) + denoise: PC1000 with one corrector step spends 2001.
-    """
-    sde, eps, steps = check_pc_options(sde, predictor, corrector, steps, eps)
-    num_samples = check_positive_int(num_samples, "num_samples")
-    shape = check_shape(shape)
-    if not isinstance(denoise, bool):
-        raise ValueError(f"denoise must be True or False, got {denoise!r}")
-    dtype = jnp.result_type(float) if dtype is None else dtype
-    keys = jax.random.split(key, num_samples)
-    x, nfe, num_steps = _sample_pc(
-        model, sde, keys, shape, dtype, eps, steps, predictor, corrector, denoise
-    )
-    return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

@@ -32,6 +32,10 @@ def load_pretrained(name: str):
     `pf.bits_per_dim(model, sde, x_int, key=key, num_bins=17)` evaluates them. Their weights are
     stored in float32; with `jax_enable_x64` on they load as float64 (an exact cast), so that the
     whole network then runs in float64.
+
+    **Arguments:**
+
+    - `name`: "digits-vp", "digits-subvp" or "digits-color-vp".
     """
     model, sde, _ = load_checkpoint(pretrained_path(name))
     return model, sde

@@ -145,6 +145,10 @@ def summarize_bits_per_dim(
     `results`: one `bits_per_dim` result, or several over the same images in the same order, each
     with a fresh `key` (fresh dequantization noise and probes, as the paper repeats its test set).
     See `BitsPerDimSummary` for what each number means.
+
+    **Arguments:**
+
+    - `results`: one `BitsPerDimResult`, or several over the same images with fresh keys.
     """
     if isinstance(results, BitsPerDimResult):
         results = [results]

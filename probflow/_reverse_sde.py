@@ -30,11 +30,16 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import PRNGKeyArray
 
-from ._nfe import (
-    count_evaluations,
-    raise_if_failed,
+from ._nfe import evaluations, raise_if_failed
+from ._options import UNSET, SDEOptions, sde_options
+from ._pc import (
+    AbstractCorrector,
+    AbstractPredictor,
+    PredictorCorrector,
+    ScoreVectorField,
+    check_pc_options,
+    solve_pc,
 )
-from ._options import SDEOptions, make_sde_options
 from ._results import SampleResult
 from ._sde import AbstractSDE
 from ._validate import (
@@ -88,7 +93,7 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
     """One example of the reverse SDE from T to eps; returns (x_eps, nfe, num_steps)."""
     dtype = x_T.dtype
     s_end = float(sde.T) - float(eps)  # reversed time s = T - t runs from 0 to T - eps
-    if opts.adaptive:
+    if opts.steps is None:  # adaptive
         controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
         dt0 = jnp.asarray(s_end / 64, dtype)
         tol = s_end * 2.0**-16
@@ -118,10 +123,10 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
         max_steps=opts.max_steps,
         throw=False,
     )
-    x = sol.ys[-1]
+    x = sol.ys[-1]  # pyright: ignore[reportOptionalSubscript]  (SaveAt(t1=True))
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     # No SDE solver here is FSAL: every attempt costs the same (one attempt per "first step").
-    nfe = count_evaluations(opts.solver, num_steps, 1, adaptive=False, sde=True)
+    nfe = evaluations(opts.traits.costs, num_steps, 1, adaptive=False)
     x = raise_if_failed(x, sol.result, opts.max_steps, "reverse SDE")
     return x, nfe, num_steps
 
@@ -144,30 +149,121 @@ def sample_sde(
     shape: tuple[int, ...],
     *,
     key: PRNGKeyArray,
-    solver: diffrax.AbstractSolver = diffrax.Euler(),
-    steps: int | None = 1000,
+    solver: diffrax.AbstractSolver | None = None,
+    steps: int | None = UNSET,
     eps: float = 1e-3,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-    max_steps: int = 16384,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int | None = None,
     dtype=None,
+    options: SDEOptions | None = None,
 ) -> SampleResult:
     """`num_samples` samples by solving the reverse-time SDE (eq. 6) from the prior at T to eps.
 
-    `solver` is any supported diffrax SDE solver (default `diffrax.Euler()`, i.e.
-    Euler--Maruyama; also EulerHeun, Heun, Midpoint, Ralston, ReversibleHeun, the Milstein
-    methods and the stochastic Runge--Kutta methods SEA, SRA1, ShARK, GeneralShARK, SPaRK,
-    SlowRK). `steps=N` takes N uniform steps; `steps=None` adapts the step size with a PID
-    controller at `rtol`/`atol` (Heun, ReversibleHeun, SRA1, ShARK or SPaRK). `r.nfe` counts the
-    score evaluations of every stage of every attempted step.
+    `r.nfe` counts the score evaluations of every stage of every attempted step.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `num_samples`: how many samples.
+    - `shape`: the shape of one example.
+    - `key`: the PRNG key (prior draws and Brownian paths, one per sample).
+    - `solver`: any supported diffrax SDE solver (default `diffrax.Euler()`, i.e.
+      Euler--Maruyama; also EulerHeun, Heun, Midpoint, Ralston, ReversibleHeun, the Milstein
+      methods and the stochastic Runge--Kutta methods SEA, SRA1, ShARK, GeneralShARK, SPaRK,
+      SlowRK).
+    - `steps`: N uniform steps (not given: 1000), or None to adapt the step size with a PID
+      controller at `rtol`/`atol` (Heun, ReversibleHeun, SRA1, ShARK or SPaRK).
+    - `eps`: the smallest time, where the solve ends (default 1e-3).
+    - `rtol`, `atol`, `max_steps`: as in `pf.SDEOptions` (which owns their defaults); not given
+      (None): the default.
+    - `dtype`: the samples' dtype (default: JAX's default float).
+    - `options`: a `pf.SDEOptions` plan instead of `solver`, `steps`, `rtol`, `atol` and
+      `max_steps` (both at once: ValueError).
+
+    **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
     sde = check_sde(sde)
     num_samples = check_positive_int(num_samples, "num_samples")
     shape = check_shape(shape)
     eps = check_eps(eps, sde)
-    opts = make_sde_options(solver, steps, rtol, atol, max_steps)
+    opts = sde_options(options, solver=solver, steps=steps,
+                       rtol=rtol, atol=atol, max_steps=max_steps)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
     x, nfe, num_steps = _sample_sde(model, sde, keys, shape, dtype, eps, opts)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)
 
+
+# --------------------------------------------------------------------------- predictor-corrector
+
+
+@eqx.filter_jit
+def _sample_pc(model, sde, keys, shape, dtype, eps, steps, predictor, corrector, denoise):
+    check_model(model, shape, dtype)  # once per trace
+    terms = diffrax.ODETerm(ScoreVectorField(model))
+    solver = PredictorCorrector(sde, predictor, corrector)
+
+    def one(key):
+        k_prior, k_chain = jax.random.split(key)
+        x_T = sde.prior_sample(k_prior, shape, dtype)
+        return solve_pc(terms, solver, x_T, k_chain, steps=steps, eps=eps, denoise=denoise)
+
+    return jax.vmap(one)(keys)
+
+
+def sample_pc(
+    model: Callable,
+    sde: AbstractSDE,
+    num_samples: int,
+    shape: tuple[int, ...],
+    *,
+    key: PRNGKeyArray,
+    predictor: AbstractPredictor | None = None,
+    corrector: AbstractCorrector | None = UNSET,
+    steps: int | None = None,
+    eps: float = 1e-3,
+    denoise: bool | None = None,
+    dtype=None,
+    options: SDEOptions | None = None,
+) -> SampleResult:
+    """`num_samples` samples by predictor-corrector sampling (Algorithms 2, 3).
+
+    `steps` noise levels uniform in t from T down to eps; at each, one predictor step to the
+    next level, then `corrector.steps` Langevin steps there (none for `corrector=None`). With
+    `denoise`, the result is Tweedie's E[x_0 | x_eps], one more evaluation. `r.nfe` per example is
+    steps * (1 + corrector.steps) + denoise: PC1000 with one corrector step spends 2001.
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x) -> score` for one example.
+    - `sde`: the SDE.
+    - `num_samples`: how many samples.
+    - `shape`: the shape of one example.
+    - `key`: the PRNG key (prior draws and the chains' noise).
+    - `predictor`: `pf.ReverseDiffusionPredictor()` (not given: the default),
+      `pf.EulerMaruyamaPredictor()` or `pf.AncestralSamplingPredictor()`.
+    - `corrector`: `pf.LangevinCorrector(snr=0.16, steps=1)` (not given: the default),
+      `pf.AnnealedLangevinCorrector(...)`, or None for no corrector.
+    - `steps`: the number of noise levels (not given: 1000).
+    - `eps`: the smallest time (default 1e-3).
+    - `denoise`: end with Tweedie's denoising step (not given: True).
+    - `dtype`: the samples' dtype (default: JAX's default float).
+    - `options`: a `pf.SDEOptions` plan instead of `predictor`, `corrector`, `steps` and
+      `denoise` (both at once: ValueError).
+
+    **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
+    """
+    # steps=None: not given (a PC sampler always has N noise levels).
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
+    sde, eps, steps = check_pc_options(sde, opts.predictor, opts.corrector, opts.steps, eps)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    shape = check_shape(shape)
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    keys = jax.random.split(key, num_samples)
+    x, nfe, num_steps = _sample_pc(
+        model, sde, keys, shape, dtype, eps, steps, opts.predictor, opts.corrector, opts.denoise
+    )
+    return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

@@ -145,7 +145,7 @@ def _network_kwargs(f, name: str) -> dict:
     return kw
 
 
-def make_sde(config) -> AbstractSDE:
+def sde_from_config(config) -> AbstractSDE:
     """The SDE of a paper config (training.sde with its model.beta_* / sigma_* fields)."""
     label, cfg = _resolve_config(config)
     sde = _field(cfg, "training", "sde")
@@ -459,7 +459,7 @@ def _read_flax(path: Path) -> dict:
         raise _neither(path) from None
     if not isinstance(state, dict) or not ({"params_ema", "optimizer"} & set(state)):
         raise _neither(path)
-    return _unchunk(state, path)
+    return _unchunk(state, path)  # pyright: ignore[reportReturnType]  (a dict, checked above)
 
 
 def _unwrap_params(tree):
@@ -615,13 +615,20 @@ def load_score_sde(path: str | os.PathLike, config, *, ema: bool = True):
     model/data/training fields (`score_sde_config(name)` gives one to edit). `ema=False` takes
     the raw (non-averaged) weights instead. The model's `data_range` is (-1, 1) for configs that
     centre the data, else (0, 1); bits_per_dim takes `data_range=model.data_range` and 256 bins.
+
+    **Arguments:**
+
+    - `path`: a score_sde_pytorch `.pth` or a score_sde flax checkpoint file.
+    - `config`: the paper's config name (e.g. "vp/cifar10_ddpmpp_continuous") or a mapping of its
+      fields.
+    - `ema`: the EMA weights (True, the paper's evaluation) or the raw ones.
     """
     path = Path(path)
     if not path.is_file():
         raise ScoreSDEImportError(f"{path}: no such file")
     label = config if isinstance(config, str) else "(mapping)"
     kw = network_kwargs(config)
-    sde = make_sde(config)
+    sde = sde_from_config(config)
     shape = kw.pop("shape")
     try:
         skeleton = eqx.filter_eval_shape(NCSNpp, shape, **kw, key=jax.random.key(0))

@@ -84,7 +84,12 @@ SCORE_SDE_CONFIGS: dict[str, dict] = {
 
 def score_sde_config(name: str) -> dict:
     """A copy of the named config's `model`/`data`/`training` fields (edit it and pass it as
-    `load_score_sde(path, config=...)` for a checkpoint trained with an edited config)."""
+    `load_score_sde(path, config=...)` for a checkpoint trained with an edited config).
+
+    **Arguments:**
+
+    - `name`: the paper's config name, its path under configs/ without ".py".
+    """
     if name not in SCORE_SDE_CONFIGS:
         raise ValueError(
             f"config: unknown config {name!r}; known: {', '.join(SCORE_SDE_CONFIGS)}"

@@ -9,7 +9,8 @@ diffrax's or probflow's exponential integrators, takes one. `UniformSchedule(clo
 a clock; `EDMSchedule` is the schedule of Karras et al. 2022 (eq. 5, rho = 7), uniform in
 sigma^(1/rho) with sigma = std / scale = exp(-lambda).
 
-Strings ("t", "log_snr", "sqrt_t"; the DPM-Solver names "time", "log_snr", "quadratic") are
+Strings ("t", "log_snr", "sqrt_t", the one name of each clock; the DPM-Solver code's schedule
+names "time" and "quadratic" are kept as aliases of "t" and "sqrt_t") are
 accepted by the public functions only, and turned into these objects once by `as_clock` and
 `as_schedule`.
 """
@@ -33,7 +34,7 @@ def static_log_snr(sde: AbstractSDE, t: float) -> float:
     """lambda(t) as a Python float (a solve's end points are static)."""
     with jax.ensure_compile_time_eval():
         return float(
-            sde.log_snr(jnp.asarray(t, jnp.float64 if jax.config.jax_enable_x64 else None))
+            sde.log_snr(jnp.asarray(t, jnp.result_type(float)))  # float64 with jax_enable_x64
         )
 
 
@@ -78,11 +79,11 @@ class AbstractClock(eqx.Module):
     name: eqx.AbstractClassVar[str]  # the public string for this clock
 
     @abc.abstractmethod
-    def to_clock(self, sde: AbstractSDE, t):
+    def to_clock(self, sde: AbstractSDE, t) -> Array:
         """c(t) (arrays)."""
 
     @abc.abstractmethod
-    def to_time(self, sde: AbstractSDE, c):
+    def to_time(self, sde: AbstractSDE, c) -> Array:
         """t(c) (arrays)."""
 
     @abc.abstractmethod
@@ -90,7 +91,7 @@ class AbstractClock(eqx.Module):
         """c(t) for a static end point, as a Python float."""
 
     @abc.abstractmethod
-    def dt_dc(self, sde: AbstractSDE, t):
+    def dt_dc(self, sde: AbstractSDE, t) -> Array:
         """dt/dc at time t."""
 
     @abc.abstractmethod
@@ -252,8 +253,8 @@ class EDMSchedule(AbstractStepSchedule):
 # --------------------------------------------------------------------------- the public edge
 
 _CLOCKS = {"t": LinearTime, "log_snr": LogSNRTime, "sqrt_t": SqrtTime}
-# The exponential integrators' historical names ("quadratic": uniform in sqrt(t)).
-_SCHEDULES = {"time": LinearTime, "log_snr": LogSNRTime, "quadratic": SqrtTime}
+# Deprecated aliases: the DPM-Solver code's schedule names ("quadratic": uniform in sqrt(t)).
+_SCHEDULE_ALIASES = {"time": LinearTime, "quadratic": SqrtTime}
 
 
 def as_clock(time, name: str = "time") -> AbstractClock:
@@ -270,7 +271,7 @@ def as_clock(time, name: str = "time") -> AbstractClock:
 
 def as_schedule(schedule, name: str = "schedule") -> AbstractStepSchedule | None:
     """A step schedule from a schedule, a clock (uniform in it), None, "edm", or one of the
-    clock or DPM-Solver names ("t"/"time", "log_snr", "sqrt_t"/"quadratic")."""
+    clock names ("t", "log_snr", "sqrt_t"; "time" and "quadratic" as deprecated aliases)."""
     if schedule is None or isinstance(schedule, AbstractStepSchedule):
         return schedule
     if isinstance(schedule, AbstractClock):
@@ -278,10 +279,10 @@ def as_schedule(schedule, name: str = "schedule") -> AbstractStepSchedule | None
     if isinstance(schedule, str):
         if schedule == "edm":
             return EDMSchedule()
-        cls = _SCHEDULES.get(schedule) or _CLOCKS.get(schedule)
+        cls = _CLOCKS.get(schedule) or _SCHEDULE_ALIASES.get(schedule)
         if cls is not None:
             return UniformSchedule(cls())
     raise ValueError(
-        f"{name} must be one of {('edm',) + tuple(_SCHEDULES) + ('t', 'sqrt_t')} or a step "
+        f"{name} must be one of {('edm',) + tuple(_CLOCKS)} or a step "
         f"schedule (pf.UniformSchedule(clock), pf.EDMSchedule()), got {schedule!r}"
     )

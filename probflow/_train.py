@@ -91,6 +91,20 @@ def train(
     batch of `config.batch_size` sharded over the devices, the same result as one device up to
     float round-off. In a multi-host run (after `jax.distributed.initialize()`), pass
     `jax.device_count()`; process 0 writes `out`.
+
+    **Arguments:**
+
+    - `model`: the score model to train.
+    - `sde`: its SDE.
+    - `data`: a `probflow.data.Dataset` or a float array [N, ...] in model space.
+    - `config`: a `TrainConfig`.
+    - `out`: a run directory to create (None: nothing written).
+    - `resume`: continue the run in `out` from its checkpoint.
+    - `progress`: print a progress line.
+    - `evaluate`: `evaluate(step, ema_model) -> dict`, called and logged at each checkpoint (None:
+      none).
+    - `data_name`: the data set's name, recorded in the checkpoint.
+    - `devices`: None (JAX's default device), an int N or a list of devices (data-parallel).
     """
     _check_arguments(model, sde, config)
     examples = TrainingData.of(data, model.shape)
@@ -125,6 +139,8 @@ def _train_loop(model, sde, examples, config, run_dir, *, resume, progress, eval
     state, static = TrainState.init(model, optimizer)
     step = 0
     if resume:
+        if run_dir is None:
+            raise ValueError("resume=True continues the run in out=: pass the run directory")
         step, state = run_dir.load_state(state)
         if step > config.steps:
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
@@ -72,7 +73,7 @@ class TrainingData(eqx.Module):
     """The training examples [N, ...] and how a batch reaches model space: integer levels
     dequantized into `data_range` (a `Dataset`), or floats used as they are."""
 
-    examples: Array
+    examples: Array | np.ndarray
     num_bins: int | None = eqx.field(static=True)
     data_range: tuple[float, float] | None = eqx.field(static=True)
     name: str | None = eqx.field(static=True)
@@ -105,9 +106,10 @@ class TrainingData(eqx.Module):
         """A batch in model space: lo + (hi - lo) (levels + u) / num_bins, u ~ U[0, 1)."""
         if self.num_bins is None:
             return batch
-        u = jax.random.uniform(key, batch.shape) if dequantize else 0.5
-        levels = batch.astype(u.dtype if dequantize else float)
-        return to_model_space(levels, u, self.num_bins, self.data_range)
+        if not dequantize:
+            return to_model_space(batch.astype(float), 0.5, self.num_bins, self.data_range)
+        u = jax.random.uniform(key, batch.shape)
+        return to_model_space(batch.astype(u.dtype), u, self.num_bins, self.data_range)
 
 
 class TrainChunk(eqx.Module):

@@ -37,9 +37,8 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from ._checkpoint import write_atomically
-from ._dpm import AbstractExponentialIntegrator
 from ._flow import ProbabilityFlowODE, decode
-from ._options import make_ode_options
+from ._options import ODEOptions
 from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
 from ._validate import check_eps, check_positive_float, check_positive_int, check_sde, check_shape
@@ -286,8 +285,8 @@ def tune_schedule(
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(f"solver must be a diffrax solver, got {type(solver).__name__}")
     # The same edge as a solve: checks the solver, steps and clock; gives the default schedule.
-    opts = make_ode_options(solver, 1e-5, 1e-5, steps, 16384, time, init)  # type: ignore[arg-type]
-    clock = opts.clock
+    opts = ODEOptions(solver=solver, steps=steps, time=time, schedule=init)
+    clock = opts.time
     assert opts.schedule is not None  # fixed steps always have one
     dtype = jnp.result_type(float)
     t_hi, t_lo = float(sde.T), float(eps)
@@ -299,8 +298,8 @@ def tune_schedule(
                  atol=reference_tol).x
 
     bound = opts.solver
-    if isinstance(bound, AbstractExponentialIntegrator):
-        bound = bound.bind(sde, clock, steps)  # pyright: ignore[reportArgumentType]
+    if opts.traits.needs_binding:
+        bound = bound.bind(sde, clock, steps)  # pyright: ignore[reportAttributeAccessIssue]
     term = diffrax.ODETerm(clock.wrap(_BatchFlow(ProbabilityFlowODE(model, sde)), sde))
     param = _Parametrisation(math.sqrt(t_hi), math.sqrt(t_lo), t_hi, t_lo)
     objective = _Objective(term, bound, clock, sde, param)

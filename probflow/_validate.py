@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from typing import Literal, overload
 
 import equinox as eqx
 import jax
@@ -42,13 +43,21 @@ def check_eps(eps, sde: AbstractSDE, name: str = "eps") -> float:
     return eps
 
 
+@overload
+def check_positive_int(value, name: str, *, allow_none: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_positive_int(value, name: str, *, allow_none: bool) -> int | None: ...
+
+
 def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     try:
         if isinstance(value, bool):
             raise TypeError
-        ivalue = operator.index(value)
+        ivalue = operator.index(value)  # pyright: ignore[reportArgumentType]  (TypeError below)
     except TypeError:
         expected = "a positive integer or None" if allow_none else "a positive integer"
         raise ValueError(f"{name} must be {expected}, got {value!r}") from None

@@ -117,7 +117,8 @@ def record_unipc(git_dir: str, tmp: Path, z: np.ndarray) -> dict:
                     )
                     ts = solver.get_time_steps(skip, 1.0, EPS, steps, "cpu")
                     x = solver.sample(
-                        torch.from_numpy(z.reshape(-1, 1, 1, 2).copy()), steps=steps, t_start=1.0, t_end=EPS, order=order,
+                        torch.from_numpy(z.reshape(-1, 1, 1, 2).copy()), steps=steps,
+                        t_start=1.0, t_end=EPS, order=order,
                         skip_type=skip, method="multistep", lower_order_final=True,
                     )
                     name = f"unipc_{order}_{variant}_{prediction}_{skip}"

@@ -1,12 +1,17 @@
 """The import graph of probflow's modules (relative imports, including deferred ones inside
-functions) has no circle: a module never imports, directly or through others, itself."""
+functions) follows the layers that docs/architecture.md documents (read from its table): every
+module sits in one layer and imports only from its own layer or the ones below; and it has no
+circle: a module never imports, directly or through others, itself."""
 
 import ast
+import fnmatch
 import pathlib
+import re
 
 import probflow
 
 ROOT = pathlib.Path(probflow.__file__).parent
+DOC = ROOT.parent / "docs" / "architecture.md"
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -86,3 +91,52 @@ def test_no_import_circle():
     # from inside except through `probflow.X` module paths, which name the module itself).
     g = {k: v - {"probflow"} for k, v in import_graph().items() if k != "probflow"}
     assert find_cycle(g) is None, " -> ".join(find_cycle(g))
+
+
+def documented_layers() -> list[tuple[str, list[str]]]:
+    """The layers of docs/architecture.md's table, top first: (name, module patterns)."""
+    text = DOC.read_text().split("## Layers", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and "`" in cells[1]:
+            layers.append((cells[0], re.findall(r"`([^`]+)`", cells[1])))
+    return layers
+
+
+def layer_of(module: str, layers) -> int | None:
+    """The index (0: top) of the layer that names `module` exactly, else of the first layer with
+    a matching pattern (`data.*`), else None."""
+    short = module if module == "probflow" else module.removeprefix("probflow.")
+    for i, (_, patterns) in enumerate(layers):
+        if short in patterns:
+            return i
+    for i, (_, patterns) in enumerate(layers):
+        if any("*" in p and fnmatch.fnmatch(short, p) for p in patterns):
+            return i
+    return None
+
+
+def test_layer_table_is_read():
+    layers = documented_layers()
+    names = [n for n, _ in layers]
+    assert names[0] == "command line" and names[-1] == "ground floor" and len(layers) >= 8
+    assert layer_of("probflow.data._dataset", layers) == len(layers) - 1
+    assert layer_of("probflow.data._digits", layers) == names.index("models and data")
+    assert layer_of("probflow._cli._flow", layers) == 0
+
+
+def test_imports_follow_the_documented_layers():
+    layers = documented_layers()
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m, layers) is None)
+    assert not unplaced, f"modules missing from docs/architecture.md's layer table: {unplaced}"
+    upward = []
+    for module, deps in graph.items():
+        here = layer_of(module, layers)
+        for dep in deps:
+            there = layer_of(dep, layers)
+            assert here is not None and there is not None
+            if there < here:
+                upward.append(f"{module} ({layers[here][0]}) imports {dep} ({layers[there][0]})")
+    assert not upward, "imports going up a layer:\n" + "\n".join(sorted(upward))

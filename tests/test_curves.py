@@ -11,7 +11,7 @@ import probflow as pf
 from probflow._curves import (
     ODESweep,
     StochasticSweep,
-    format_table,
+    format_rows,
     likelihood_curve,
     nfe_curve,
     plot_nfe_curve,
@@ -47,7 +47,7 @@ def test_nfe_curve_on_mixture(mixture2d, tmp_path):
     assert by[("reverse-sde", "steps=100")]["nfe_mean"] == 100
     plot_nfe_curve(rows, tmp_path / "curve.png")
     assert Image.open(tmp_path / "curve.png").size[0] > 100
-    assert "ode-heun" in format_table(rows, ["sampler", "setting", "nfe_mean"])
+    assert "ode-heun" in format_rows(rows, ["sampler", "setting", "nfe_mean"])
 
 
 def test_likelihood_curve_error_shrinks():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import probflow as pf
-from probflow._paper_configs import PAPER_CONFIGS, paper_config, parameter_count
+from probflow._train_presets import TRAIN_PRESETS, parameter_count, train_preset
 from probflow.models import DDPMpp
 from probflow.models._ddpmpp import fir_downsample, fir_upsample
 
@@ -61,9 +61,9 @@ REFERENCE_MPARAMS = {
 }
 
 
-@pytest.mark.parametrize("name", list(PAPER_CONFIGS))
+@pytest.mark.parametrize("name", list(TRAIN_PRESETS))
 def test_configs_have_the_papers_sizes_and_hyperparameters(name):
-    cfg = paper_config(name)
+    cfg = train_preset(name)
     model = jax.eval_shape(lambda: cfg.make_model(key=jax.random.key(0)))  # no allocation
     ncsn = cfg.network == "ncsnpp"
     expected = official_parameter_count(num_res_blocks=8 if cfg.deep else 4, fourier=ncsn,
@@ -133,8 +133,8 @@ def test_bad_hyperparameters():
         DDPMpp(sde=sde, embedding="learned", key=jax.random.key(0))
     with pytest.raises(ValueError, match="not divisible"):
         DDPMpp((28, 28, 1), sde=sde, key=jax.random.key(0))
-    with pytest.raises(ValueError, match="unknown config 'nope'"):
-        paper_config("nope")
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        train_preset("nope")
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_paper_config_takes_two_training_steps_on_mock_cifar10(name, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     import dataclasses
 
-    cfg = paper_config(name)
+    cfg = train_preset(name)
     with tfds.testing.mock_data(num_examples=4):  # it substitutes its own data directory
         ds = pf.data.load(cfg.data, "train", data_dir=tmp_path)
     sde = cfg.make_sde()
@@ -177,4 +177,4 @@ def test_cli_config_rejects_a_contradicting_sde(tmp_path, capsys):
 
     rc = main(["train", "--config", "ncsnpp-cifar10", "--sde", "vp", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "contradicts --config" in err
+    assert rc == 2 and len(err.splitlines()) == 1 and "contradicts --preset" in err

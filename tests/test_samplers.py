@@ -15,7 +15,7 @@ from conftest import ALL_SDES, SDE_IDS
 from helpers import Counting, host_count
 
 import probflow as pf
-from probflow._pc import _sample_pc
+from probflow._reverse_sde import _sample_pc
 
 N = 3000  # samples per quality check
 SW_KEY = jax.random.key(12345)

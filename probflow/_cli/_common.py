@@ -109,15 +109,15 @@ def names(text: str) -> tuple[str, ...]:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table of list rows under `headers`, in the one table format that probflow
-    prints (`probflow._curves.format_table`: floats to 4 significant digits, None as '-')."""
-    from .._curves import format_table as format_dict_rows
+    prints (`probflow._curves.format_rows`: floats to 4 significant digits, None as '-')."""
+    from .._curves import format_rows
 
-    return format_dict_rows([dict(zip(headers, row, strict=True)) for row in rows], headers)
+    return format_rows([dict(zip(headers, row, strict=True)) for row in rows], headers)
 
 
 def format_rows(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """The same table of dict rows (e.g. those of `pf.nfe_curve`) with the given columns."""
-    from .._curves import format_table as format_dict_rows
+    from .._curves import format_rows as format_dict_rows
 
     return format_dict_rows(list(rows), list(columns))
 
@@ -307,9 +307,9 @@ def make_solver(name: str, flag: str = "--solver"):
 
 def make_sde(name: str):
     """The SDE named on the command line (`--sde vp|subvp|ve`), with the paper's parameters."""
-    # The short names are those of the paper's configs; `_paper_configs.sde_from_name` is the
+    # The short names are those of the training presets; `_train_presets.sde_from_name` is the
     # one map from them to classes.
-    from .._paper_configs import sde_from_name
+    from .._train_presets import sde_from_name
 
     try:
         return sde_from_name(name)
@@ -469,15 +469,17 @@ def add_data_options(p, *, data: str | None = "digits", split: str = "test",
                    help=limit_help if limit is not None else limit_help + " (default: all)")
 
 
-def add_ode_options(p, *, solver: str = "tsit5", tol: float = 1e-5, eps: float | None = 1e-3,
+def add_ode_options(p, *, preset: str = "pf.ODEOptions'", eps: float | None = 1e-3,
                     eps_help: str = "the time the ODE stops at (data end), 0 < eps < T") -> None:
-    """The probability-flow ODE's solver options: adaptive tolerances or N uniform steps."""
-    p.add_argument("--solver", default=solver, metavar="NAME",
-                   help=f"ODE solver: {', '.join(ODE_SOLVERS + DPM_SOLVERS)}")
-    p.add_argument("--rtol", type=positive_float, default=tol,
-                   help="relative tolerance of an adaptive solve")
-    p.add_argument("--atol", type=positive_float, default=tol,
-                   help="absolute tolerance of an adaptive solve")
+    """The probability-flow ODE's solver options: adaptive tolerances or N uniform steps. A flag
+    left out leaves the library's default (`preset` names the plan the command starts from)."""
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help=f"ODE solver: {', '.join(ODE_SOLVERS + DPM_SOLVERS)} (default: "
+                        f"{preset}, tsit5)")
+    p.add_argument("--rtol", type=positive_float, default=None,
+                   help=f"relative tolerance of an adaptive solve (default: {preset})")
+    p.add_argument("--atol", type=positive_float, default=None,
+                   help=f"absolute tolerance of an adaptive solve (default: {preset})")
     p.add_argument("--ode-steps", "--steps", dest="ode_steps", type=positive_int, default=None,
                    metavar="N",
                    help="N fixed solver steps instead of adaptive tolerances (default: adaptive; "
@@ -485,9 +487,25 @@ def add_ode_options(p, *, solver: str = "tsit5", tol: float = 1e-5, eps: float |
     p.add_argument("--eps", type=positive_float, default=eps, help=eps_help)
 
 
-def ode_kwargs(args) -> dict:
-    return dict(solver=make_solver(args.solver), rtol=args.rtol, atol=args.atol,
-                steps=args.ode_steps, eps=args.eps)
+def ode_plan(args, preset=None, **extra):
+    """The one solve plan of a command: `preset` (default `pf.ODEOptions`) given the solver
+    flags that were set (and `extra` settings); the library owns every default."""
+    import probflow as pf
+
+    given: dict[str, Any] = dict(
+        solver=None if args.solver is None else make_solver(args.solver), rtol=args.rtol,
+        atol=args.atol, steps=getattr(args, "ode_steps", None), time=getattr(args, "time", None),
+        **extra,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        return (pf.ODEOptions if preset is None else preset)(**given)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def ode_kwargs(args, preset=None) -> dict:
+    return dict(options=ode_plan(args, preset), eps=args.eps)
 
 
 def add_output_options(p, *, out: str | None, suffix: str = ".png", out_help: str | None = None,

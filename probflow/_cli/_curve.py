@@ -173,17 +173,17 @@ def scheduled_sweeps(sweeps, files, *, eps: float):
 
 
 def build_sweeps(solvers, tolerances, step_counts, flag: str = "--solvers"):
-    """One sweep per solver: over `tolerances` for solvers with an error estimate (when any are
-    given), otherwise over `step_counts`."""
+    """One sweep per solver: over `tolerances` for diffrax solvers with an error estimate (when
+    any are given), otherwise (and for the exponential integrators) over `step_counts`."""
     import probflow as pf
 
-    from .._nfe import has_error_estimate
+    from .._nfe import solver_traits
 
     sweeps = []
     for name in solvers:
         solver = make_solver(name, flag)
-        adaptive = has_error_estimate(solver) and not isinstance(
-            solver, pf.AbstractExponentialIntegrator)
+        traits = solver_traits(solver)
+        adaptive = traits.adaptive and not traits.needs_binding
         if adaptive and tolerances:
             sweeps.append(pf.ODESweep(label=name, solver=solver, tolerances=tuple(tolerances)))
         elif step_counts:

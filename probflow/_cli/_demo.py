@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .._likelihood import BPD_TOL
+from .._options import BPD_TOL
 from ._common import (
     CLIError,
     Command,
@@ -158,7 +158,8 @@ def _run_demo(args) -> int:
     num, shape = plan.num, loaded.shape
     samplers = [
         ("ODE samples (tsit5, tol 1e-3)", "samples_ode.png",
-         lambda k: pf.sample_ode(model, sde, num, shape, key=k, rtol=1e-3, atol=1e-3)),
+         lambda k: pf.sample_ode(model, sde, num, shape, key=k,
+                                 options=pf.ODEOptions.sampling())),
         (f"SDE samples (Euler-Maruyama, {plan.sde_steps} steps)", "samples_sde.png",
          lambda k: pf.sample_sde(model, sde, num, shape, key=k, steps=plan.sde_steps)),
         (f"PC samples (RD + Langevin, {plan.pc_steps} steps)", "samples_pc.png",

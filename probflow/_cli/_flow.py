@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .._likelihood import BPD_TOL
 from ._common import (
     CLIError,
     Command,
@@ -20,9 +19,9 @@ from ._common import (
     load_args_model,
     load_data,
     load_model_and_data,
-    make_solver,
     nonneg_int,
     ode_kwargs,
+    ode_plan,
     out_path,
     positive_float,
     positive_int,
@@ -38,9 +37,18 @@ TRACES = ("rademacher", "gaussian", "exact")
 
 
 def _slots(text: str):
-    if text in ("auto", "lockstep"):
-        return None if text == "lockstep" else text
-    return positive_int(text)
+    """`--slots N|auto|lockstep` as a scheduler object."""
+    import probflow as pf
+
+    if text == "lockstep":
+        return pf.Lockstep()
+    return pf.Refill("auto" if text == "auto" else positive_int(text))
+
+
+def _slots_name(scheduler) -> str | int:
+    import probflow as pf
+
+    return scheduler.slots if isinstance(scheduler, pf.Refill) else "lockstep"
 
 
 def _add_bpd(p) -> None:
@@ -57,23 +65,25 @@ def _add_bpd(p) -> None:
                         "(one JVP per dimension)")
     p.add_argument("--probes", type=positive_int, default=1, metavar="K",
                    help="Hutchinson probes per image and repeat")
-    p.add_argument("--solver", default="dopri5", metavar="NAME",
+    p.add_argument("--solver", default=None, metavar="NAME",
                    help="the ODE solver (adaptive: tsit5, dopri5, dopri8, bosh3, dpm2, dpm3; "
-                        "pf.bits_per_dim's default; the paper's RK45 is dopri5)")
+                        "default: pf.bits_per_dim's, dopri5; the paper's RK45 is dopri5)")
     p.add_argument("--time", choices=("t", "sqrt_t", "log_snr"), default=None,
                    help="the clock the ODE is solved in (default: pf.bits_per_dim's: sqrt_t "
                         "for VP models, else t; t for the dpm solvers; the paper's is t)")
-    p.add_argument("--rtol", type=positive_float, default=BPD_TOL,
-                   help="relative tolerance (pf.bits_per_dim's default; the paper's is 1e-5)")
-    p.add_argument("--atol", type=positive_float, default=BPD_TOL,
-                   help="absolute tolerance (pf.bits_per_dim's default; the paper's is 1e-5)")
+    p.add_argument("--rtol", type=positive_float, default=None,
+                   help="relative tolerance (default: pf.bits_per_dim's, 3e-4; the paper's is "
+                        "1e-5)")
+    p.add_argument("--atol", type=positive_float, default=None,
+                   help="absolute tolerance (default: pf.bits_per_dim's, 3e-4; the paper's is "
+                        "1e-5)")
     p.add_argument("--eps", type=positive_float, default=1e-5,
                    help="the time the likelihood is taken at, 0 < eps < T")
-    p.add_argument("--slots", type=_slots, default="auto", metavar="N|auto|lockstep",
+    p.add_argument("--slots", type=_slots, default=None, metavar="N|auto|lockstep",
                    help="examples solved at once; a finished example's slot takes the next "
                         "image of the batch, so the cost follows the mean NFE (auto: on CPU 64, "
                         "32 or 16 by image size, 1024 on accelerators; lockstep: the whole "
-                        "batch in one solve)")
+                        "batch in one solve; default: pf.bits_per_dim's, auto)")
     p.add_argument("--method", choices=("ode", "elbo"), default="ode",
                    help="ode: the probability-flow ODE's likelihood (the paper's); elbo: the "
                         "continuous-time variational bound (pf.elbo; no ODE solve, one score "
@@ -114,11 +124,11 @@ def _run_bpd(args) -> int:
     check_data_matches(ds, loaded)
     images = ds.images if args.limit is None else ds.images[: args.limit]
     n = int(images.shape[0])
-    solver = make_solver(args.solver)
+    plan = ode_plan(args, lambda **given: pf.ODEOptions.bits_per_dim(loaded.sde, **given),
+                    **({} if args.slots is None else {"scheduler": args.slots}))
     key = jax.random.key(args.seed)
-    options = dict(num_bins=ds.num_bins, data_range=loaded.data_range, rtol=args.rtol,
-                   atol=args.atol, eps=args.eps, solver=solver, trace=args.trace,
-                   slots=args.slots, time=args.time)
+    options = dict(num_bins=ds.num_bins, data_range=loaded.data_range, eps=args.eps,
+                   trace=args.trace, options=plan)
     if args.trace != "exact":
         options["num_probes"] = args.probes
     if args.method == "elbo":
@@ -152,8 +162,9 @@ def _run_bpd(args) -> int:
         "bpd_per_repeat": [float(np.mean(r.bpd)) for r in repeats],
         "trace": args.trace, "probes": None if args.trace == "exact" else args.probes,
         "nfe_mean": float(nfe.mean()), "nfe_max": int(nfe.max()),
-        "solver": args.solver, "time": args.time, "slots": args.slots, "rtol": args.rtol,
-        "atol": args.atol, "eps": args.eps,
+        "solver": args.solver or type(plan.solver).__name__.lower(), "time": plan.time.name,
+        "slots": _slots_name(plan.scheduler), "rtol": float(plan.rtol),
+        "atol": float(plan.atol), "eps": args.eps,
         "seed": args.seed, "wall_s": elapsed, "method": args.method,
         "dequantization": args.dequantization, "importance_samples": args.importance_samples,
         "solver_bias": None if check is None else check.bias,

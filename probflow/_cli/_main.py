@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parent = _common_options()
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
-                           formatter_class=_HelpFormatter, parents=[parent])
+                           formatter_class=_HelpFormatter,
+                           parents=[parent])  # pyright: ignore[reportArgumentType]
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def _add_sample(p) -> None:
                         "corrector (reverse diffusion + Langevin)")
     p.add_argument("--num", type=positive_int, default=64, help="number of samples")
     g = p.add_argument_group("ODE sampler")
-    add_ode_options(g, tol=1e-3,
+    add_ode_options(g, preset="pf.ODEOptions.sampling()'s",
                     eps_help="the time every sampler stops at (data end), 0 < eps < T")
     g = p.add_argument_group("SDE and PC samplers")
     g.add_argument("--sde-steps", type=positive_int, default=500, metavar="N",
@@ -61,7 +62,8 @@ def draw_samples(loaded, args, key):
 
     model, sde, shape = loaded.model, loaded.sde, loaded.shape
     if args.sampler == "ode":
-        return pf.sample_ode(model, sde, args.num, shape, key=key, **ode_kwargs(args))
+        return pf.sample_ode(model, sde, args.num, shape, key=key,
+                             **ode_kwargs(args, pf.ODEOptions.sampling))
     if args.sampler == "sde":
         return pf.sample_sde(model, sde, args.num, shape, key=key, steps=args.sde_steps,
                              eps=args.eps)
@@ -129,7 +131,9 @@ def make_mask(kind: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
         if not Path(kind).exists():
             raise CLIError(f"--mask: no such file {kind!r}")
         try:
-            img = np.asarray(Image.open(kind).convert("L").resize((w, h), Image.NEAREST))
+            img = np.asarray(
+                Image.open(kind).convert("L").resize((w, h), Image.Resampling.NEAREST)
+            )
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise CLIError(f"--mask: cannot read {kind!r} as an image ({e})") from None
         m = (img >= 128).astype(np.float32)
@@ -164,7 +168,7 @@ def _run_inpaint(args) -> int:
     n = len(x)
     lo, hi = loaded.data_range
     mask = make_mask(args.mask, loaded.shape, args.seed)
-    opts = {} if args.particles == 1 else {"corrector": None}
+    opts: dict[str, Any] = {} if args.particles == 1 else {"corrector": None}
     start = time.perf_counter()
     r = pf.inpaint(loaded.model, loaded.sde, x, mask, key=jax.random.key(args.seed),
                    steps=args.sde_steps, num_particles=args.particles, **opts)

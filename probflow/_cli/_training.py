@@ -1,4 +1,4 @@
-"""`probflow train` (score models, optionally from a paper configuration) and
+"""`probflow train` (score models, optionally from a training preset) and
 `probflow train-classifier`."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from . import _signals
 from ._common import (
@@ -26,7 +27,7 @@ from ._common import (
 )
 from ._processes import add_process_options, init_processes
 
-#: `probflow train`'s values for the options that a `--config` may set instead.
+#: `probflow train`'s values for the options that a `--preset` may set instead.
 TRAIN_DEFAULTS = {
     "batch_size": 64,
     "lr": 5e-4,
@@ -37,8 +38,8 @@ TRAIN_DEFAULTS = {
 }
 
 
-def _or_config(what: str) -> str:
-    return f"(default: {TRAIN_DEFAULTS[what]}, or the --config's value)"
+def _or_preset(what: str) -> str:
+    return f"(default: {TRAIN_DEFAULTS[what]}, or the --preset's value)"
 
 
 def _add_train(p) -> None:
@@ -47,32 +48,33 @@ def _add_train(p) -> None:
                    help="the run directory (must not exist, or be empty, unless --resume)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint up to --train-steps")
-    g.add_argument("--config", default=None, metavar="NAME",
-                   help="a paper configuration: ddpmpp-cifar10, ddpmpp-deep-cifar10, "
+    g.add_argument("--preset", "--config", dest="preset", default=None, metavar="NAME",
+                   help="a training preset (--config: its old name), one of the paper's: "
+                        "ddpmpp-cifar10, ddpmpp-deep-cifar10, "
                         "subvp-ddpmpp-cifar10, ncsnpp-cifar10, ncsnpp-deep-cifar10 (network, "
                         "SDE, data and hyperparameters, docs/scaling.md); options given "
                         "explicitly override it (default: none)")
     g.add_argument("--data", default=None,
-                   help="a dataset name that probflow.data.load knows (default: the --config's; "
-                        "required without --config)")
+                   help="a dataset name that probflow.data.load knows (default: the --preset's; "
+                        "required without --preset)")
     g.add_argument("--data-dir", default=None,
                    help="directory of prepared tensorflow-datasets data, for tfds:NAME "
                         "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     g.add_argument("--validation", type=nonneg_int, default=0, metavar="N",
                    help="hold out N training images (train on the rest)")
     g.add_argument("--sde", choices=SDE_NAMES, default=None,
-                   help="the forward SDE (default: the --config's; required without --config)")
+                   help="the forward SDE (default: the --preset's; required without --preset)")
     g.add_argument("--train-steps", "--steps", dest="steps", type=positive_int, default=None,
                    metavar="N",
-                   help="total optimiser steps (default: the --config's; required without "
-                        "--config)")
+                   help="total optimiser steps (default: the --preset's; required without "
+                        "--preset)")
     g.add_argument("--seed", type=nonneg_int, default=0,
                    help="seeds the initial weights and every step's batch, noise and times")
     g.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
-                   help="write the checkpoint every N steps " + _or_config("checkpoint_every"))
+                   help="write the checkpoint every N steps " + _or_preset("checkpoint_every"))
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    g = p.add_argument_group("network (without --config)")
+    g = p.add_argument_group("network (without --preset)")
     g.add_argument("--model", choices=["unet", "mlp"], default="unet", help="the score network")
     g.add_argument("--channels", default="32,64", help="U-Net channels per resolution level")
     g.add_argument("--num-res-blocks", type=positive_int, default=1,
@@ -82,15 +84,15 @@ def _add_train(p) -> None:
 
     g = p.add_argument_group("optimiser")
     g.add_argument("--batch-size", type=positive_int, default=None,
-                   help="examples per step " + _or_config("batch_size"))
+                   help="examples per step " + _or_preset("batch_size"))
     g.add_argument("--lr", type=positive_float, default=None,
-                   help="Adam's learning rate after warm-up " + _or_config("lr"))
+                   help="Adam's learning rate after warm-up " + _or_preset("lr"))
     g.add_argument("--warmup", type=nonneg_int, default=None, metavar="N",
-                   help="linear learning-rate warm-up steps " + _or_config("warmup"))
+                   help="linear learning-rate warm-up steps " + _or_preset("warmup"))
     g.add_argument("--grad-clip", type=positive_float, default=None,
-                   help="global-norm gradient clipping " + _or_config("grad_clip"))
+                   help="global-norm gradient clipping " + _or_preset("grad_clip"))
     g.add_argument("--ema-decay", type=unit_float, default=None,
-                   help="decay of the weights' EMA (the saved model) " + _or_config("ema_decay"))
+                   help="decay of the weights' EMA (the saved model) " + _or_preset("ema_decay"))
     g.add_argument("--likelihood-weighting", action="store_true",
                    help="lambda(t) = g(t)^2 instead of std(t)^2 (eq. 7)")
     g.add_argument("--no-importance-sampling", action="store_true",
@@ -98,7 +100,7 @@ def _add_train(p) -> None:
                         "~ g^2/std^2")
     g.add_argument("--steps-per-call", type=positive_int, default=None, metavar="N",
                    help="optimiser steps per jitted call (default: 1 for a U-Net, 50 for an "
-                        "MLP, or the --config's value)")
+                        "MLP, or the --preset's value)")
 
     g = p.add_argument_group("devices")
     g.add_argument("--devices", type=positive_int, default=None, metavar="N",
@@ -118,8 +120,14 @@ def _build_network(args, ds, sde, key):
     return UNet(ds.shape, sde=sde, channels=channels, num_res_blocks=args.num_res_blocks, key=key)
 
 
+def _required(preset):
+    """The preset, when the options checked above say there is one."""
+    assert preset is not None
+    return preset
+
+
 def _train_config(args, paper):
-    """The TrainConfig: explicit options, else the paper config's values, else the defaults."""
+    """The TrainConfig: explicit options, else the preset's values, else the defaults."""
     from .._train import TrainConfig
 
     base = paper.train if paper is not None else None
@@ -133,8 +141,8 @@ def _train_config(args, paper):
     spc = args.steps_per_call
     if spc is None:
         spc = base.steps_per_call if base is not None else (1 if args.model == "unet" else 50)
-    fields = dict(
-        steps=args.steps if args.steps is not None else base.steps,
+    fields: dict[str, Any] = dict(
+        steps=args.steps if args.steps is not None else _required(base).steps,
         batch_size=pick("batch_size"),
         lr=pick("lr"),
         warmup=pick("warmup"),
@@ -172,26 +180,26 @@ def _run_train(args) -> int:
         except ValueError as e:
             raise CLIError(f"--devices: {e}") from None
     paper = None
-    if args.config is not None:
-        from .._paper_configs import paper_config
+    if args.preset is not None:
+        from .._train_presets import train_preset
 
         try:
-            paper = paper_config(args.config)
+            paper = train_preset(args.preset)
         except ValueError as e:
-            raise CLIError(f"--config: {e}") from None
+            raise CLIError(f"--preset: {e}") from None
         if args.sde is not None and args.sde != paper.sde:
-            raise CLIError(f"--sde {args.sde} contradicts --config {paper.name} (an "
+            raise CLIError(f"--sde {args.sde} contradicts --preset {paper.name} (an "
                            f"{paper.sde} model); drop --sde")
     else:
         for option, value in (("--data", args.data), ("--sde", args.sde),
                               ("--train-steps", args.steps)):
             if value is None:
-                raise CLIError(f"{option} is required (unless --config NAME gives it)")
+                raise CLIError(f"{option} is required (unless --preset NAME gives it)")
     run = Path(args.out)
     if args.resume and not ((run / "checkpoint.eqx").exists() or (run / "config.json").exists()):
         raise CLIError(f"--resume: no checkpoint in {args.out} to resume from")
     config = _train_config(args, paper)
-    data_name = args.data or paper.data
+    data_name = args.data or _required(paper).data
     ds = load_data(data_name, "train", data_dir=args.data_dir)
     if args.validation:
         try:
@@ -203,11 +211,11 @@ def _run_train(args) -> int:
     if paper is not None:
         if tuple(ds.shape) != paper.shape:
             raise CLIError(f"--data {data_name}: examples have shape {tuple(ds.shape)}, but "
-                           f"--config {paper.name} is for {paper.shape}")
+                           f"--preset {paper.name} is for {paper.shape}")
         sde = paper.make_sde()
         model = paper.make_model(key=key, sde=sde)
     else:
-        sde = make_sde(args.sde)
+        sde = make_sde(_required(args.sde))
         model = _build_network(args, ds, sde, key)
     t0 = time.perf_counter()
     result = train(model, sde, ds, config, out=args.out, resume=args.resume,
@@ -216,9 +224,9 @@ def _run_train(args) -> int:
     tail = result.losses[-100:]
     rows = [["run", str(args.out)]]
     if paper is not None:
-        from .._paper_configs import parameter_count
+        from .._train_presets import parameter_count
 
-        rows += [["config", paper.name], ["parameters", parameter_count(model)]]
+        rows += [["preset", paper.name], ["parameters", parameter_count(model)]]
     rows += [
         ["steps", result.step],
         ["final loss (mean of last 100)", float(tail.mean()) if len(tail) else None],

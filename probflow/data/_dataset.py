@@ -23,8 +23,8 @@ class Dataset:
 
     name: str
     split: str
-    images: Array
-    labels: Array
+    images: Array | np.ndarray
+    labels: Array | np.ndarray
     num_bins: int
     data_range: tuple[float, float] = (0.0, 1.0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ DIGITS_NUM_BINS = 17  # pixel values 0..16
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
-    bunch = load_digits()
+    bunch: Any = load_digits()
     images = np.asarray(bunch.images).round().astype(np.int32)[..., None]  # [1797, 8, 8, 1]
     labels = np.asarray(bunch.target).astype(np.int32)
     return images, labels

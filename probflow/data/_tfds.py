@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     )
 
 
-def _import_tfds():
+def _import_tfds() -> Any:
     try:
         import tensorflow_datasets as tfds
     except ImportError:

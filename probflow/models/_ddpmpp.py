@@ -318,6 +318,8 @@ class Downsample(AbstractResample):
     """Downsample by 2: FIR-filtered (then a valid strided 3x3 conv: conv_downsample_2d) or, without
     FIR, 2x2 mean pooling (or a stride-2 3x3 conv with 'SAME' padding (0, 1))."""
 
+    __init__ = AbstractResample.__init__  # stated for type checkers (eqx inherits it anyway)
+
     def __call__(self, x):
         if self.conv is None:
             return resample_without_conv(x, up=False, fir=self.fir, kernel=self.fir_kernel)
@@ -332,6 +334,8 @@ class Downsample(AbstractResample):
 class Upsample(AbstractResample):
     """Upsample by 2: FIR-filtered (a transposed 3x3 conv then the filter: upsample_conv_2d) or,
     without FIR, nearest-neighbour (then a 3x3 conv)."""
+
+    __init__ = AbstractResample.__init__  # stated for type checkers (eqx inherits it anyway)
 
     def __call__(self, x):
         if self.conv is None:

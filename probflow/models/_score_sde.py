@@ -30,7 +30,8 @@ class ScoreSDEModel(eqx.Module):
     def __init__(self, net: NCSNpp, sde: AbstractSDE):
         self.net = net
         self.sde = sde
-        self.shape = tuple(net.shape)
+        h, w, c = net.shape
+        self.shape = (h, w, c)
         self.data_range = (-1.0, 1.0) if net.centered else (0.0, 1.0)
 
     def __check_init__(self):

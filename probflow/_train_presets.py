@@ -1,5 +1,6 @@
-"""The paper's CIFAR-10 configurations (Song et al. 2021, appendix H): data only, used by
-`probflow train --config NAME` (the runner is in `probflow/_cli/_training.py`).
+"""Training presets: the paper's CIFAR-10 training configurations (Song et al. 2021, appendix H),
+data only, used by `probflow train --preset NAME` (the runner is in `probflow/_cli/_training.py`).
+The paper's *evaluation* configs (for its released checkpoints) are `_score_sde_configs.py`.
 
 | name                  | network            | SDE   | res blocks | EMA    |
 |-----------------------|--------------------|-------|------------|--------|
@@ -24,7 +25,7 @@ from ._sde import VESDE, VPSDE, AbstractSDE, SubVPSDE
 from ._train_config import TrainConfig
 from .models import DDPMpp
 
-#: The paper configs' short SDE names (also `probflow train --sde`), the one map from them.
+#: The presets' short SDE names (also `probflow train --sde`), the one map from them.
 _SDE_BY_NAME: dict[str, type[AbstractSDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
@@ -39,8 +40,8 @@ def sde_from_name(name: str) -> AbstractSDE:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PaperConfig:
-    """A named configuration: network, SDE, data and training hyperparameters."""
+class TrainPreset:
+    """A named training preset: network, SDE, data and training hyperparameters."""
 
     name: str
     description: str
@@ -84,30 +85,30 @@ def _train_config(ema_decay: float) -> TrainConfig:
     )
 
 
-PAPER_CONFIGS: dict[str, PaperConfig] = {
+TRAIN_PRESETS: dict[str, TrainPreset] = {
     c.name: c
     for c in [
-        PaperConfig(name="ddpmpp-cifar10", description="DDPM++ cont. (VP), CIFAR-10",
+        TrainPreset(name="ddpmpp-cifar10", description="DDPM++ cont. (VP), CIFAR-10",
                     network="ddpmpp", deep=False, sde="vp", train=_train_config(0.9999)),
-        PaperConfig(name="ddpmpp-deep-cifar10", description="DDPM++ cont. deep (VP), CIFAR-10",
+        TrainPreset(name="ddpmpp-deep-cifar10", description="DDPM++ cont. deep (VP), CIFAR-10",
                     network="ddpmpp", deep=True, sde="vp", train=_train_config(0.9999)),
-        PaperConfig(name="subvp-ddpmpp-cifar10",
+        TrainPreset(name="subvp-ddpmpp-cifar10",
                     description="DDPM++ cont. (sub-VP), CIFAR-10",
                     network="ddpmpp", deep=False, sde="subvp", train=_train_config(0.9999)),
-        PaperConfig(name="ncsnpp-cifar10", description="NCSN++ cont. (VE), CIFAR-10",
+        TrainPreset(name="ncsnpp-cifar10", description="NCSN++ cont. (VE), CIFAR-10",
                     network="ncsnpp", deep=False, sde="ve", train=_train_config(0.999)),
-        PaperConfig(name="ncsnpp-deep-cifar10", description="NCSN++ cont. deep (VE), CIFAR-10",
+        TrainPreset(name="ncsnpp-deep-cifar10", description="NCSN++ cont. deep (VE), CIFAR-10",
                     network="ncsnpp", deep=True, sde="ve", train=_train_config(0.999)),
     ]
 }
 
 
-def paper_config(name: str) -> PaperConfig:
+def train_preset(name: str) -> TrainPreset:
     try:
-        return PAPER_CONFIGS[name]
+        return TRAIN_PRESETS[name]
     except KeyError:
         raise ValueError(
-            f"unknown config {name!r}; known: {', '.join(PAPER_CONFIGS)}"
+            f"unknown preset {name!r}; known: {', '.join(TRAIN_PRESETS)}"
         ) from None
 
 
