@@ -175,6 +175,22 @@ def elbo(
     num_reconstruction per example. The draws are evaluated `chunk_size` at a time (default about
     2^18 input values per call). `r.nll` = `r.prior` + `r.diffusion` + `r.reconstruction`;
     `r.stderr` is the standard error of `r.nll` over the draws (the prior term is exact).
+
+    **Arguments:**
+
+    - `model`: the score model `model(t, x)` for one example.
+    - `sde`: the forward SDE (`pf.VPSDE`, `pf.SubVPSDE`, `pf.VESDE`).
+    - `x`: a batch `[B, ...]` of continuous data in model space.
+    - `key`: a PRNG key (keyword-only); each example gets its own draws.
+    - `num_times`: draws of t in `[eps, T]` per example, even (two per stratum of the importance
+      density g(t)^2 / std(t)^2, uniform in the log signal-to-noise ratio); default 256.
+    - `num_reconstruction`: draws of the reconstruction term at `eps`, >= 2; default 16.
+    - `eps`: the start time of the diffusion term; default 1e-5.
+    - `chunk_size`: score evaluations per vmapped model call (memory bound); default about 2^18
+      input values per call.
+
+    **Returns:** `ELBOResult`: `nll` [B] (nats), `stderr` [B], `nfe` [B] (= `num_times +
+    num_reconstruction`), and the terms `prior`, `diffusion`, `reconstruction` [B].
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
     bound = VariationalBound(num_times, num_reconstruction, chunk_size)

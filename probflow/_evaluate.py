@@ -62,7 +62,18 @@ def estimate_solver_bias(
 ) -> SolverBiasEstimate:
     """Estimate the solver's bias of the mean bits/dim on `num_images` images of `x_int` chosen
     at random: each is solved with `options` (as `bits_per_dim`) and again 100x tighter with the
-    same key (same dequantization and probes); see the module docstring."""
+    same key (same dequantization and probes); see the module docstring.
+
+    **Arguments:**
+
+    - `model`, `sde`: as for `pf.bits_per_dim`.
+    - `x_int`: the integer images `[N, ...]`; `num_images` of them are chosen at random.
+    - `key`: a PRNG key (keyword-only): picks the images and draws the dequantization and probes.
+    - `num_images`: how many images are re-solved (>= 2 for a standard error).
+    - `options`: `pf.bits_per_dim`'s options (the solve plan as `options=` or its keywords,
+      dequantization, probes); the tight solve is the same plan at `rtol / 100`, `atol / 100`.
+      Adaptive solves only.
+    """
     num_images = int(check_positive_int(num_images, "num_images") or 1)
     if not isinstance(options.get("method", "ode"), str) or options.get("method", "ode") != "ode":
         raise ValueError("check_solver applies to method='ode' (the ELBO has no solver)")
