@@ -190,7 +190,7 @@ def _augmented(model, sde, probes, mode="jvp"):
 @eqx.filter_jit
 def _engine(model, sde, x, probes, rtol, atol, solver, time_, slots, max_steps=16384):
     y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
-    (z, delta), nfe, steps, status = refill_solve(
+    (z, delta), nfe, steps, status, _ = refill_solve(
         lambda p: _augmented(model, sde, p), y0, probes, EPS, sde.T, solver=solver, rtol=rtol,
         atol=atol, slots=slots, max_steps=max_steps, clock=_CLOCKS[time_], sde=sde,
     )
@@ -207,7 +207,7 @@ def _lockstep_fixed(model, sde, x, probes, solver, steps, time_):
     def one(xi, pi):
         vf = _augmented(model, sde, pi)
         y0 = (xi, jnp.zeros((), xi.dtype))
-        (z, delta), nfe, _ = solve_flow(vf, y0, EPS, sde.T, opts, sde=sde)
+        (z, delta), nfe, _, _ = solve_flow(vf, y0, EPS, sde.T, opts, sde=sde)
         return sde.prior_logp(z) + delta, nfe
 
     return jax.vmap(one)(x, probes)

@@ -21,12 +21,19 @@ from ._divergence import (
     DIVERGENCE_MODES,
 )
 from ._dpm import AbstractExponentialIntegrator
+from ._failures import (
+    Failure,
+    FixedSteps,
+    GuardedController,
+    code_of_result,
+    input_failure,
+    raise_if_failed,
+)
 from ._nfe import (
     FirstStepCountingController,
     count_evaluations,
     error_order,
     first_step_attempts,
-    raise_if_failed,
     select_initial_step,
 )
 from ._options import ODEOptions, make_ode_options
@@ -47,7 +54,6 @@ from ._validate import (
     check_positive_int,
     check_sde,
     check_shape,
-    error_if_nonfinite,
 )
 
 _DIVERGENCE_MODES = DIVERGENCE_MODES
@@ -68,11 +74,12 @@ class ProbabilityFlowODE(eqx.Module):
 
 def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde: AbstractSDE):
     """One diffrax solve of one example from t0 to t1 of the probability-flow ODE of `sde`;
-    returns (y1, nfe, num_steps). The solve runs in `opts.clock`, on `opts.schedule`'s times
-    when it has fixed steps.
+    returns (y1, nfe, num_steps, failure). The solve runs in `opts.clock`, on `opts.schedule`'s
+    times when it has fixed steps.
 
-    A solve that fails (max_steps reached, step size underflow, non-finite values) raises through
-    `eqx.error_if` with a message that names the fix.
+    A solve that fails comes back as a `_failures.Failure` (code and t), raised in Python by the
+    caller: it stops at the first non-finite state (`GuardedController`, `FixedSteps`), where the
+    step size collapses, or at max_steps.
     """
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
     solver = opts.solver
@@ -88,20 +95,20 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
         # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
-        controller = FirstStepCountingController(
-            diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
-        )
         dt0, _ = select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol,
                                      error_order(solver, term))
+        controller = GuardedController(
+            FirstStepCountingController(diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)),
+            dt0,
+        )
     else:
-        controller = diffrax.StepTo(ts=ts)
-        dt0 = None
+        controller = FixedSteps(ts)
     sol = diffrax.diffeqsolve(
         term,
         solver,
         t0=jnp.asarray(t0, dtype),
         t1=jnp.asarray(t1, dtype),
-        dt0=dt0,
+        dt0=None,
         y0=y0,
         saveat=diffrax.SaveAt(t1=True, controller_state=opts.adaptive),
         stepsize_controller=controller,
@@ -113,8 +120,8 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     # StepTo accepts every step: one attempt at the first.
     first = first_step_attempts(sol.controller_state) if opts.adaptive else 1
     nfe = count_evaluations(opts.solver, num_steps, first, adaptive=opts.adaptive)
-    y1 = raise_if_failed(y1, sol.result, opts.max_steps, "ODE")
-    return y1, nfe, num_steps
+    failure = Failure(code_of_result(sol.result), clock.to_time(sde, sol.ts[-1]))
+    return y1, nfe, num_steps, failure
 
 
 def _check_flow_inputs(model, sde, x, eps, name="x"):
@@ -134,17 +141,21 @@ def _check_flow_inputs(model, sde, x, eps, name="x"):
 @eqx.filter_jit
 def _encode(model, sde, x, eps, opts):
     check_model(model, x.shape[1:], x.dtype)
-    x = error_if_nonfinite(x, "x")
     vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda xi: solve_flow(vf, xi, eps, sde.T, opts, sde=sde))(x)
+    z, nfe, num_steps, failure = jax.vmap(
+        lambda xi: solve_flow(vf, xi, eps, sde.T, opts, sde=sde)
+    )(x)
+    return z, nfe, num_steps, input_failure(x, eps) | failure
 
 
 @eqx.filter_jit
 def _decode(model, sde, z, eps, opts):
     check_model(model, z.shape[1:], z.dtype)
-    z = error_if_nonfinite(z, "z")
     vf = ProbabilityFlowODE(model, sde)
-    return jax.vmap(lambda zi: solve_flow(vf, zi, sde.T, eps, opts, sde=sde))(z)
+    x, nfe, num_steps, failure = jax.vmap(
+        lambda zi: solve_flow(vf, zi, sde.T, eps, opts, sde=sde)
+    )(z)
+    return x, nfe, num_steps, input_failure(z, sde.T) | failure
 
 
 def encode(
@@ -170,7 +181,8 @@ def encode(
     """
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
     opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
-    z, nfe, num_steps = _encode(model, sde, x, eps, opts)
+    z, nfe, num_steps, failure = _encode(model, sde, x, eps, opts)
+    raise_if_failed(failure, what="ODE solve (encode)", direction=1, max_steps=opts.max_steps)
     return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
 
 
@@ -197,7 +209,9 @@ def decode(
     """
     sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
     opts = make_ode_options(solver, rtol, atol, steps, max_steps, time, schedule)
-    x, nfe, num_steps = _decode(model, sde, z, eps, opts)
+    x, nfe, num_steps, failure = _decode(model, sde, z, eps, opts)
+    raise_if_failed(failure, what="ODE solve (decode)", direction=-1, max_steps=opts.max_steps,
+                    name="z")
     return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
 
 

@@ -15,6 +15,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._divergence import (
@@ -27,13 +28,14 @@ from ._divergence import (
     make_trace_estimator,
 )
 from ._dpm import AbstractExponentialIntegrator
+from ._failures import input_failure, raise_if_failed
 from ._flow import _check_flow_inputs, solve_flow
 from ._options import make_ode_options
 from ._refill import check_refill_solver, default_slots, refill_log_likelihood
 from ._results import BitsPerDimResult, LikelihoodResult
 from ._sde import VPSDE, AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
-from ._validate import check_model, check_positive_int, error_if_nonfinite
+from ._validate import check_model, check_positive_int
 from .data._dataset import to_model_space
 
 _DIVERGENCE_MODES = DIVERGENCE_MODES
@@ -45,18 +47,18 @@ _DIVERGENCE_MODES = DIVERGENCE_MODES
 @eqx.filter_jit
 def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
     check_model(model, x.shape[1:], x.dtype)
-    x = error_if_nonfinite(x, "x")
 
     def one(xi, key):
         probes = estimator.draw(key, xi.shape, xi.dtype)
         vf = AugmentedProbabilityFlowODE(model, sde, probes, divergence_mode, estimator)
         # One divergence integral per probe, all from the same linearisations of the model.
         y0 = (xi, jnp.zeros((estimator.num_probes,), xi.dtype))
-        (z, delta), nfe, num_steps = solve_flow(vf, y0, eps, sde.T, opts, sde=sde)
+        (z, delta), nfe, num_steps, failure = solve_flow(vf, y0, eps, sde.T, opts, sde=sde)
         # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D)
-        return sde.prior_logp(z) + delta, z, nfe, num_steps
+        return sde.prior_logp(z) + delta, z, nfe, num_steps, failure
 
-    return jax.vmap(one)(x, keys)
+    logp, z, nfe, num_steps, failure = jax.vmap(one)(x, keys)
+    return logp, z, nfe, num_steps, input_failure(x, eps) | failure
 
 
 def _check_likelihood_options(trace, num_probes, key, divergence_mode, control_variate, x):
@@ -130,13 +132,15 @@ def log_likelihood(
     keys = jax.random.split(key, x.shape[0])
     if slots is not None and opts.adaptive:
         check_refill_solver(opts.solver, opts.clock)
-        logp_probes, z, nfe, num_steps = refill_log_likelihood(
+        logp_probes, z, nfe, num_steps, failure = refill_log_likelihood(
             model, sde, x, keys, eps, opts, estimator, divergence_mode, slots
         )
     else:
-        logp_probes, z, nfe, num_steps = _log_likelihood(
+        logp_probes, z, nfe, num_steps, failure = _log_likelihood(
             model, sde, x, keys, eps, opts, estimator, divergence_mode
         )
+    raise_if_failed(failure, what="ODE solve (likelihood)", direction=1,
+                    max_steps=opts.max_steps)
     return LikelihoodResult(
         logp=jnp.mean(logp_probes, axis=1), z=z, nfe=nfe, num_steps=num_steps,
         logp_probes=logp_probes, exact_trace=isinstance(estimator, ExactTrace),
@@ -146,15 +150,14 @@ def log_likelihood(
 @eqx.filter_jit
 def _dequantize(x_int, key, num_bins, lo, hi, dequantize, dtype):
     x_int = x_int.astype(jnp.int32)  # uint8 data with num_bins=256 must not wrap around
-    bad = (x_int < 0) | (x_int >= num_bins)
-    x_int = eqx.error_if(
-        x_int, jnp.any(bad), f"x_int must hold integers in [0, num_bins={num_bins})"
-    )
+    # Per example: whether it holds a level outside [0, num_bins) (raised in Python).
+    bad = jnp.any(((x_int < 0) | (x_int >= num_bins)).reshape(x_int.shape[0], -1), axis=1)
     if dequantize:
         u = jax.random.uniform(key, x_int.shape, dtype)
     else:
         u = jnp.full(x_int.shape, 0.5, dtype)
-    return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi))
+    x = to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi))
+    return x, bad
 
 
 #: bits_per_dim's tolerance, chosen on digits-vp and an mnist-5k U-Net (docs/benchmarks.md,
@@ -236,7 +239,13 @@ def bits_per_dim(
         key = jax.random.key(0)
     dtype = jnp.result_type(float) if dtype is None else dtype
     k_deq, k_probe = jax.random.split(key)
-    x = _dequantize(x_int, k_deq, num_bins, lo, hi, bool(dequantize), dtype)
+    x, bad = _dequantize(x_int, k_deq, num_bins, lo, hi, bool(dequantize), dtype)
+    count = int(np.sum(np.asarray(bad)))
+    if count:
+        raise ValueError(
+            f"x_int must hold integers in [0, num_bins={num_bins}): {count} of "
+            f"{x_int.shape[0]} examples hold levels outside"
+        )
     if isinstance(slots, str):
         if slots != "auto":
             raise ValueError(f"slots must be a positive integer, None or 'auto', got {slots!r}")

@@ -196,23 +196,6 @@ def select_initial_step(vector_field, y0, t0, t1, rtol, atol, order: float):
     return jax.lax.stop_gradient(direction * h).astype(y.dtype), f0
 
 
-def raise_if_failed(y, result, max_steps: int, what: str):
-    """`y`, raising through `eqx.error_if` when a diffrax solve failed: the one place that turns a
-    failed solve into an error naming the fix. `what`: "ODE" or "reverse SDE"."""
-    y = eqx.error_if(
-        y,
-        result == diffrax.RESULTS.max_steps_reached,
-        f"the {what} solve reached max_steps={max_steps} before finishing; raise max_steps "
-        "or loosen rtol/atol",
-    )
-    return eqx.error_if(
-        y,
-        (result != diffrax.RESULTS.successful) & (result != diffrax.RESULTS.max_steps_reached),
-        f"the {what} solve failed (step size underflow or non-finite values); check that the "
-        "model returns finite scores and that eps is not too small for this model",
-    )
-
-
 def check_ode_solver(solver) -> None:
     """Raise a clear error for solvers whose evaluations cannot be counted."""
     if not isinstance(solver, (diffrax.AbstractSolver, AbstractCountedSolver)):

@@ -27,6 +27,15 @@ import jax.numpy as jnp
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
+from ._failures import (
+    NONFINITE,
+    OK,
+    Failure,
+    FixedSteps,
+    all_finite,
+    code_of_result,
+    raise_if_failed,
+)
 from ._results import SampleResult
 from ._sde import VESDE, VPSDE, AbstractSDE
 from ._validate import (
@@ -348,10 +357,12 @@ def solve_pc(
     eps: float,
     denoise: bool,
 ):
-    """PC sampling of one example from x_T at time T down to eps; returns (x, nfe, num_steps).
+    """PC sampling of one example from x_T at time T down to eps; returns
+    (x, nfe, num_steps, failure).
 
     `terms` carry the score (see `PredictorCorrector`); `steps` uniform noise levels; with
     `denoise`, one more score evaluation maps x_eps to Tweedie's E[x_0 | x_eps] (counted in nfe).
+    Sampling stops at the first step whose state is non-finite (`_failures.FixedSteps`).
     """
     sde = solver.sde
     dtype = x_T.dtype
@@ -365,7 +376,7 @@ def solve_pc(
         y0=x_T,
         args=key,
         saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.StepTo(ts=ts),
+        stepsize_controller=FixedSteps(ts),
         max_steps=steps,
         throw=False,
     )
@@ -383,13 +394,9 @@ def solve_pc(
 
         x = tweedie_denoise(score, sde, ts[-1], x)
         nfe = nfe + 1
-    x = eqx.error_if(
-        x,
-        sol.result != diffrax.RESULTS.successful,
-        "predictor-corrector sampling failed (non-finite values); check that the model returns "
-        "finite scores",
-    )
-    return x, nfe.astype(jnp.int32), num_steps
+    failure = Failure(code_of_result(sol.result), sol.ts[-1])
+    last = Failure(jnp.where(all_finite(x), OK, NONFINITE).astype(jnp.int32), ts[-1])
+    return x, nfe.astype(jnp.int32), num_steps, failure | last
 
 
 @eqx.filter_jit
@@ -455,7 +462,8 @@ def sample_pc(
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
-    x, nfe, num_steps = _sample_pc(
+    x, nfe, num_steps, failure = _sample_pc(
         model, sde, keys, shape, dtype, eps, steps, predictor, corrector, denoise
     )
+    raise_if_failed(failure, what="predictor-corrector sampling (sample_pc)", direction=-1)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

@@ -32,16 +32,16 @@ from jaxtyping import Array, PyTree
 
 from ._divergence import AugmentedProbabilityFlowODE
 from ._dpm import AbstractExponentialIntegrator
+from ._failures import MAX_STEPS, NONFINITE, OK, STALLED, Failure, input_failure
 from ._nfe import (
     error_order,
     has_error_estimate,
-    raise_if_failed,
     select_initial_step,
     solver_costs,
 )
 from ._sde import AbstractSDE
 from ._time import AbstractClock, LinearTime
-from ._validate import check_model, error_if_nonfinite
+from ._validate import check_model
 
 __all__ = [
     "check_refill_solver",
@@ -137,7 +137,9 @@ class _Slots(eqx.Module):
     queue: Array  # the next example to start
     out_y: PyTree  # [N, ...]
     out_steps: Array  # [N]
-    out_status: Array  # [N] 0 running/not started, 1 finished, 2 max_steps, 3 non-finite
+    out_status: Array  # [N] 0 running/not started, 1 finished, 2 max_steps, 3 non-finite,
+    # 4 step size collapsed
+    out_t: Array  # [N] the clock's time where each example's solve ended
 
 
 def refill_solve(
@@ -161,8 +163,10 @@ def refill_solve(
     convention, args unused); `y0` and `args` are pytrees with a leading axis N. The solve runs in
     `clock` (`_time.py`), which maps [t0, t1] to its own variable and wraps the field; `sde` is
     the probability-flow ODE's SDE (for the clock and the exponential integrators). Returns
-    `(y1, nfe, num_steps, status)` with leading axis N; status is 1 for a finished solve, 2 for
-    max_steps reached, 3 for a non-finite state.
+    `(y1, nfe, num_steps, status, t_end)` with leading axis N; status is 1 for a finished solve,
+    2 for max_steps reached, 3 for a non-finite state (the attempted step's, which ends the solve
+    at once), 4 for a step size collapsed below the resolution of t; t_end is where the solve
+    ended, in t.
     """
     n = jtu.tree_leaves(y0)[0].shape[0]
     dtype = jtu.tree_leaves(y0)[0].dtype
@@ -229,6 +233,7 @@ def refill_solve(
         out_y=out_y,
         out_steps=jnp.zeros((n,), jnp.int32),
         out_status=jnp.zeros((n,), jnp.int32),
+        out_t=jnp.zeros((n,), dtype),
     )
 
     def step_one(tprev, tnext, y, a, solver_state, controller_state, num_steps):
@@ -241,6 +246,12 @@ def refill_solve(
         keep, new_tprev, new_tnext, _, new_cstate, _ = controller.adapt_step_size(
             tprev, tnext, y, y1, None, y_error, err_order, controller_state
         )
+        # A non-finite attempt ends the solve at its start (rather than being rejected until
+        # max_steps); a next step below 16 ulps of t means the solve could never finish.
+        finite = jnp.all(jnp.isfinite(_leaves(y1))) & jnp.isfinite(new_tnext)
+        keep = keep & finite
+        new_tprev = jnp.where(finite, new_tprev, tprev)
+        stalled = new_tnext - new_tprev <= 16 * jnp.finfo(dtype).eps * jnp.abs(new_tprev)
         new_cstate = jtu.tree_map(jnp.asarray, new_cstate)
         new_tprev = jnp.minimum(new_tprev, c1a)
         clip = new_tnext > c1_floor
@@ -251,9 +262,9 @@ def refill_solve(
         y = jtu.tree_map(sel, y1, y)
         solver_state = jtu.tree_map(sel, new_solver_state, solver_state)
         num_steps = (num_steps + 1).astype(jnp.int32)
-        finite = jnp.all(jnp.isfinite(_leaves(y))) & jnp.isfinite(new_tnext)
         status = jnp.where(
-            ~finite, 3, jnp.where(new_tprev >= c1a, 1, jnp.where(num_steps >= max_steps, 2, 0))
+            ~finite, 3, jnp.where(new_tprev >= c1a, 1, jnp.where(
+                stalled, 4, jnp.where(num_steps >= max_steps, 2, 0)))
         )
         return new_tprev, new_tnext, y, solver_state, new_cstate, num_steps, status
 
@@ -272,6 +283,7 @@ def refill_solve(
         out_y = jtu.tree_map(lambda o, v: o.at[where_out].set(v, mode="drop"), st.out_y, y)
         out_steps = st.out_steps.at[where_out].set(num_steps, mode="drop")
         out_status = st.out_status.at[where_out].set(status, mode="drop")
+        out_t = st.out_t.at[where_out].set(tprev, mode="drop")
         # Refill: the k-th finished slot takes example queue + k.
         rank = jnp.cumsum(done, dtype=jnp.int32) - 1
         new_index = jnp.where(done, st.queue + rank, st.index)
@@ -294,11 +306,13 @@ def refill_solve(
             out_y=out_y,
             out_steps=out_steps,
             out_status=out_status,
+            out_t=out_t,
         )
 
     final = jax.lax.while_loop(cond, body, state)
     nfe = count_refill_evaluations(solver, final.out_steps)
-    return final.out_y, nfe, final.out_steps, final.out_status
+    t_end = clock.to_time(sde, -final.out_t if reverse else final.out_t)
+    return final.out_y, nfe, final.out_steps, final.out_status, t_end
 
 
 # --------------------------------------------------------------------------- likelihoods
@@ -313,25 +327,18 @@ def refill_log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_
     so the result equals the lockstep one to float rounding; only the cost differs.
     """
     check_model(model, x.shape[1:], x.dtype)
-    x = error_if_nonfinite(x, "x")
     probes = jax.vmap(lambda k, xi: estimator.draw(k, xi.shape, xi.dtype))(keys, x)
 
     def make(p):
         return AugmentedProbabilityFlowODE(model, sde, p, divergence_mode, estimator)
 
     y0 = (x, jnp.zeros((x.shape[0], estimator.num_probes), x.dtype))
-    (z, delta), nfe, num_steps, status = refill_solve(
+    (z, delta), nfe, num_steps, status, t_end = refill_solve(
         make, y0, probes, eps, sde.T, solver=opts.solver, rtol=opts.rtol, atol=opts.atol,
         slots=slots, max_steps=opts.max_steps, clock=opts.clock, sde=sde,
     )
-    result = diffrax.RESULTS.where(
-        jnp.any(status == 2),
-        diffrax.RESULTS.max_steps_reached,
-        diffrax.RESULTS.where(
-            jnp.any(status == 3), diffrax.RESULTS.breakdown, diffrax.RESULTS.successful
-        ),
-    )
-    z = raise_if_failed(z, result, opts.max_steps, "ODE")
+    # status (1 finished, 2 max_steps, 3 non-finite, 4 stalled) as `_failures` codes
+    code = jnp.asarray([OK, OK, MAX_STEPS, NONFINITE, STALLED], jnp.int32)[status]
     # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D), one per probe
     logp = jax.vmap(sde.prior_logp)(z)[:, None] + delta
-    return logp, z, nfe, num_steps
+    return logp, z, nfe, num_steps, input_failure(x, eps) | Failure(code, t_end)

@@ -34,7 +34,7 @@ CLOCKS = {"t": pf.LinearTime(), "sqrt_t": pf.SqrtTime(), "log_snr": pf.LogSNRTim
 def _solve(model, sde, x, probes, slots, solver, tol, time="t", max_steps=4096):
     y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
     make = lambda p: pf.AugmentedProbabilityFlowODE(model, sde, p)
-    (z, delta), nfe, steps, status = refill_solve(
+    (z, delta), nfe, steps, status, _ = refill_solve(
         make, y0, probes, EPS, sde.T, solver=solver, rtol=tol, atol=tol, slots=slots,
         max_steps=max_steps, clock=CLOCKS[time], sde=sde,
     )

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compile_cache:
         enable_compile_cache()
     from .._checkpoint import CheckpointError
+    from .._failures import SolveError
     from .._train import TrainingDivergedError
 
     try:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"probflow {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDivergedError as e:
+    except (TrainingDivergedError, SolveError) as e:
         print(f"probflow {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
