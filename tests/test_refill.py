@@ -147,11 +147,11 @@ def test_failures_are_reported(mixture_problem):
     _, sde, model, x, probes = mixture_problem
     *_, status = solve(model, sde, x, probes, 3, max_steps=3)
     assert np.all(status == 2)
-    # A model that returns NaN: every step is rejected (diffrax's rule, y_error = inf) until
-    # max_steps; never reported as finished.
+    # A model that returns NaN: the first attempted step is non-finite, which ends the solve at
+    # once (status 3), not after max_steps rejected attempts.
     bad = lambda t, y: jnp.full_like(y, jnp.nan)
-    *_, status = solve(bad, sde, x[:2], probes[:2], 2, max_steps=3)
-    assert np.all(status == 2)
+    _, _, steps, status = solve(bad, sde, x[:2], probes[:2], 2, max_steps=100)
+    assert np.all(status == 3) and np.all(steps == 1)
 
 
 def test_unsupported_solvers_raise():
@@ -188,7 +188,9 @@ def test_unet_batch_independence_and_host_count():
                                                    1e-3, "sqrt_t")
         assert np.all(status == 1)
         np.testing.assert_array_equal(nfe, nfe1)
-        np.testing.assert_allclose(logp, logp1, rtol=1e-5)
+        # Batched and single convolutions round differently (2.9e-5 seen, issue 19): the same
+        # solve to float32 rounding of a U-Net's 6 layers, not bit for bit.
+        np.testing.assert_allclose(logp, logp1, rtol=1e-4)
         assert n == 2 + 6 * iterations(steps, slots)
 
 
