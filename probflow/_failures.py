@@ -112,7 +112,10 @@ class GuardedController(diffrax.AbstractAdaptiveStepSizeController):
 
     def wrap(self, direction):
         dt0 = None if self.dt0 is None else self.dt0 * direction
-        return GuardedController(self.controller.wrap(direction), dt0)
+        # (pyright reads diffrax's abstract rtol/atol/norm as constructor fields)
+        return GuardedController(  # pyright: ignore[reportCallIssue]
+            self.controller.wrap(direction), dt0
+        )
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         dt0 = self.dt0 if dt0 is None else dt0
@@ -128,7 +131,9 @@ class GuardedController(diffrax.AbstractAdaptiveStepSizeController):
         resolution = 16 * jnp.finfo(jnp.result_type(tprev)).eps * jnp.abs(tprev)
         stalled = (tnext - tprev) <= resolution
         result = diffrax.RESULTS.where(stalled, diffrax.RESULTS.dt_min_reached, result)
-        result = diffrax.RESULTS.where(finite, result, diffrax.RESULTS.breakdown)
+        result = diffrax.RESULTS.where(
+            finite, result, diffrax.RESULTS.breakdown  # pyright: ignore[reportArgumentType]
+        )
         return keep, tprev, tnext, made_jump, state, result
 
 
@@ -151,8 +156,10 @@ class FixedSteps(diffrax.AbstractStepSizeController):
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
         del y0, args, y_error, error_order
         finite = all_finite(y1_candidate)
-        result = diffrax.RESULTS.where(finite, diffrax.RESULTS.successful,
-                                       diffrax.RESULTS.breakdown)
+        result = diffrax.RESULTS.where(
+            finite, diffrax.RESULTS.successful,
+            diffrax.RESULTS.breakdown,  # pyright: ignore[reportArgumentType]
+        )
         tprev = jnp.where(finite, t1, t0)
         return finite, tprev, self.ts[state], False, state + 1, result
 

@@ -97,12 +97,13 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
         # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
         dt0, _ = select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol,
                                      error_order(solver, term))
-        controller = GuardedController(
-            FirstStepCountingController(diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)),
-            dt0,
+        pid = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        # (pyright reads diffrax's abstract rtol/atol/norm as constructor fields)
+        controller = GuardedController(  # pyright: ignore[reportCallIssue]
+            FirstStepCountingController(pid), dt0  # pyright: ignore[reportCallIssue]
         )
     else:
-        controller = FixedSteps(ts)
+        controller = FixedSteps(ts)  # pyright: ignore[reportArgumentType]
     sol = diffrax.diffeqsolve(
         term,
         solver,
@@ -120,7 +121,8 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     # StepTo accepts every step: one attempt at the first.
     first = first_step_attempts(sol.controller_state) if opts.adaptive else 1
     nfe = count_evaluations(opts.solver, num_steps, first, adaptive=opts.adaptive)
-    failure = Failure(code_of_result(sol.result), clock.to_time(sde, sol.ts[-1]))
+    t_end = clock.to_time(sde, sol.ts[-1])  # pyright: ignore[reportOptionalSubscript]
+    failure = Failure(code_of_result(sol.result), t_end)  # pyright: ignore[reportArgumentType]
     return y1, nfe, num_steps, failure
 
 

@@ -394,7 +394,8 @@ def solve_pc(
 
         x = tweedie_denoise(score, sde, ts[-1], x)
         nfe = nfe + 1
-    failure = Failure(code_of_result(sol.result), sol.ts[-1])
+    t_end = sol.ts[-1]  # pyright: ignore[reportOptionalSubscript]
+    failure = Failure(code_of_result(sol.result), t_end)
     last = Failure(jnp.where(all_finite(x), OK, NONFINITE).astype(jnp.int32), ts[-1])
     return x, nfe.astype(jnp.int32), num_steps, failure | last
 

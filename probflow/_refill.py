@@ -341,4 +341,5 @@ def refill_log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_
     code = jnp.asarray([OK, OK, MAX_STEPS, NONFINITE, STALLED], jnp.int32)[status]
     # log p_eps(x) = log p_T(z) + int_eps^T div F dt  (appendix D), one per probe
     logp = jax.vmap(sde.prior_logp)(z)[:, None] + delta
-    return logp, z, nfe, num_steps, input_failure(x, eps) | Failure(code, t_end)
+    failure = Failure(code, t_end)  # pyright: ignore[reportArgumentType]
+    return logp, z, nfe, num_steps, input_failure(x, eps) | failure

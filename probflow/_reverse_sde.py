@@ -100,7 +100,8 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
     shape = jax.ShapeDtypeStruct(x_T.shape, dtype)
     levy_area = _levy_area(opts.solver)
     if opts.adaptive:
-        controller = GuardedController(diffrax.PIDController(rtol=opts.rtol, atol=opts.atol))
+        pid = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        controller = GuardedController(pid)  # pyright: ignore[reportCallIssue]
         dt0 = jnp.asarray(s_end / 64, dtype)
         # Rejected steps revisit parts of the path: the tree keeps them consistent (its range
         # check is the one host callback left in a probflow program, diffrax's own).
@@ -109,7 +110,8 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
         )
         adjoint = diffrax.RecursiveCheckpointAdjoint()
     else:
-        controller = FixedSteps(jnp.linspace(0.0, s_end, opts.steps + 1, dtype=dtype))
+        steps = opts.steps + 1  # pyright: ignore[reportOptionalOperand]
+        controller = FixedSteps(jnp.linspace(0.0, s_end, steps, dtype=dtype))
         dt0 = None
         # Every step asks once for its own increment (and Levy area), which are independent
         # Gaussians over disjoint steps: drawn exactly, per step, with no tree to descend.
@@ -136,7 +138,8 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     # No SDE solver here is FSAL: every attempt costs the same (one attempt per "first step").
     nfe = count_evaluations(opts.solver, num_steps, 1, adaptive=False, sde=True)
-    failure = Failure(code_of_result(sol.result), sde.T - sol.ts[-1])
+    t_end = sde.T - sol.ts[-1]  # pyright: ignore[reportOptionalSubscript]
+    failure = Failure(code_of_result(sol.result), t_end)
     return x, nfe, num_steps, failure
 
 
