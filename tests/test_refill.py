@@ -37,10 +37,9 @@ def _solve(model, sde, x, probes, slots, solver, tol, time="t", max_steps=4096):
     make = lambda p: pf.AugmentedProbabilityFlowODE(model, sde, p)
     opts = pf.ODEOptions(solver=solver, rtol=tol, atol=tol, max_steps=max_steps,
                          time=CLOCKS[time], scheduler=pf.Refill(slots))
-    (z, delta), nfe, steps, result = refill_solve(make, y0, probes, EPS, sde.T, opts, sde=sde)
-    # diffrax's result codes, as small ints: 1 finished, 2 max_steps reached, 3 anything else.
-    status = jnp.where(result == diffrax.RESULTS.successful, 1,
-                       jnp.where(result == diffrax.RESULTS.max_steps_reached, 2, 3))
+    (z, delta), nfe, steps, failure = refill_solve(make, y0, probes, EPS, sde.T, opts, sde=sde)
+    # `_failures` codes as small ints: 1 finished, 2 max_steps, 3 non-finite, 4 stalled.
+    status = jnp.asarray([1, 2, 3, 4, 5], jnp.int32)[failure.code]
     return jax.vmap(sde.prior_logp)(z) + delta, nfe, steps, status
 
 
@@ -151,11 +150,11 @@ def test_failures_are_reported(mixture_problem):
     _, sde, model, x, probes = mixture_problem
     *_, status = solve(model, sde, x, probes, 3, max_steps=3)
     assert np.all(status == 2)
-    # A model that returns NaN: every step is rejected (diffrax's rule, y_error = inf) until
-    # max_steps; never reported as finished.
+    # A model that returns NaN: the first attempted step is non-finite, which ends the solve at
+    # once (status 3), not after max_steps rejected attempts.
     bad = lambda t, y: jnp.full_like(y, jnp.nan)
-    *_, status = solve(bad, sde, x[:2], probes[:2], 2, max_steps=3)
-    assert np.all(status == 2)
+    _, _, steps, status = solve(bad, sde, x[:2], probes[:2], 2, max_steps=100)
+    assert np.all(status == 3) and np.all(steps == 1)
 
 
 def test_unsupported_solvers_raise():
@@ -199,6 +198,8 @@ def test_unet_batch_independence_and_host_count():
                                                    1e-3, "sqrt_t")
         assert np.all(status == 1)
         np.testing.assert_array_equal(nfe, nfe1)
+        # Batched and single convolutions round differently (2.9e-5 seen, issue 19): the same
+        # solve to float32 rounding of a U-Net's 6 layers, not bit for bit.
         np.testing.assert_allclose(logp, logp1, rtol=1e-4)
         assert n == 2 + 6 * iterations(steps, slots)
 
