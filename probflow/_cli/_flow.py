@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -127,8 +128,8 @@ def _run_bpd(args) -> int:
     plan = ode_plan(args, lambda **given: pf.ODEOptions.bits_per_dim(loaded.sde, **given),
                     **({} if args.slots is None else {"scheduler": args.slots}))
     key = jax.random.key(args.seed)
-    options = dict(num_bins=ds.num_bins, data_range=loaded.data_range, eps=args.eps,
-                   trace=args.trace, options=plan)
+    options: dict[str, Any] = dict(num_bins=ds.num_bins, data_range=loaded.data_range,
+                                   eps=args.eps, trace=args.trace, options=plan)
     if args.trace != "exact":
         options["num_probes"] = args.probes
     if args.method == "elbo":
@@ -222,6 +223,7 @@ def _run_encode(args) -> int:
     t_enc = time.perf_counter() - start
     dec = pf.decode(loaded.model, loaded.sde, z, **kw)
     err = relative_error(dec.x, x)
+    assert out is not None  # --out is required
     with writing("--out", out):
         np.savez(out, z=z, x=x, labels=np.asarray(ds.labels[:n]), nfe=np.asarray(enc.nfe),
                  eps=args.eps, checkpoint=args.checkpoint, config=args.config or "",
