@@ -20,6 +20,7 @@ import pytest
 from helpers import Counting, host_count
 
 import probflow as pf
+from probflow._failures import NONFINITE
 from probflow._nfe import solver_costs
 from probflow._options import BPD_TOL, default_slots
 from probflow._refill import count_refill_evaluations, refill_solve
@@ -155,6 +156,27 @@ def test_failures_are_reported(mixture_problem):
     bad = lambda t, y: jnp.full_like(y, jnp.nan)
     _, _, steps, status = solve(bad, sde, x[:2], probes[:2], 2, max_steps=100)
     assert np.all(status == 3) and np.all(steps == 1)
+
+
+
+@pytest.mark.parametrize("time", ["t", "log_snr"])
+def test_failures_carry_their_time_in_t(mixture_problem, time):
+    """A non-finite first attempt ends the solve where it started: t = EPS in t, also for a
+    clock that falls with t (log-SNR: solved in -c), and raises one line naming it."""
+    _, sde, _, x, _ = mixture_problem
+    bad = lambda t, y, args: jnp.full_like(y, jnp.nan)
+    opts = pf.ODEOptions(solver=TSIT5, max_steps=100, time=CLOCKS[time],
+                         scheduler=pf.Refill(2))
+    y0 = jnp.asarray(x[:3])
+    _, _, steps, failure = jax.jit(
+        lambda y: refill_solve(lambda _: bad, y, jnp.zeros(3), EPS, sde.T, opts, sde=sde)
+    )(y0)
+    np.testing.assert_array_equal(np.asarray(failure.code), [NONFINITE] * 3)
+    np.testing.assert_allclose(np.asarray(failure.t), EPS, rtol=1e-3)
+    assert np.all(np.asarray(steps) == 1)
+    model = lambda t, y: jnp.full_like(y, jnp.nan)
+    with pytest.raises(pf.SolveError, match=r"non-finite values at t=1e-05 in 3 of 3 examples"):
+        pf.encode(model, sde, y0, eps=EPS, options=opts)
 
 
 def test_unsupported_solvers_raise():
