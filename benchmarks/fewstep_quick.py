@@ -51,7 +51,7 @@ def main():
     for n in (3, 5):
         s = pf.EDMStochasticSampler().bind(sde, n)
         ts = pf.EDMSchedule().times(sde, 1.0, 1e-3, n, jnp.float32)
-        x, nfe, _ = jax.jit(jax.vmap(lambda zi, s=s, ts=ts: solve_edm(model, s, zi, ts,
+        x, nfe, _, _ = jax.jit(jax.vmap(lambda zi, s=s, ts=ts: solve_edm(model, s, zi, ts,
                                                                       jax.random.key(0))))(z)
         print(f"EDM Heun (S_churn=0) N={n}      {int(nfe[0])} NFE {rms(x):.4f}", flush=True)
 

@@ -193,10 +193,10 @@ def _engine(model, sde, x, probes, rtol, atol, solver, time_, slots):
     y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
     opts = pf.ODEOptions(solver=solver, rtol=rtol, atol=atol, time=_CLOCKS[time_],
                          scheduler=pf.Refill(slots))
-    (z, delta), nfe, steps, result = refill_solve(
+    (z, delta), nfe, steps, failure = refill_solve(
         lambda p: _augmented(model, sde, p), y0, probes, EPS, sde.T, opts, sde=sde
     )
-    status = jnp.where(result == diffrax.RESULTS.successful, 1, 0)  # 1: finished
+    status = jnp.where(failure.code == 0, 1, 0)  # 1: finished
     return jax.vmap(sde.prior_logp)(z) + delta, nfe, status
 
 
@@ -209,7 +209,7 @@ def _lockstep_fixed(model, sde, x, probes, solver, steps, time_):
     def one(xi, pi):
         vf = _augmented(model, sde, pi)
         y0 = (xi, jnp.zeros((), xi.dtype))
-        (z, delta), nfe, _ = solve_flow(vf, y0, EPS, sde.T, opts, sde=sde)
+        (z, delta), nfe, _, _ = solve_flow(vf, y0, EPS, sde.T, opts, sde=sde)
         return sde.prior_logp(z) + delta, nfe
 
     return jax.vmap(one)(x, probes)

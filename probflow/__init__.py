@@ -14,6 +14,7 @@ from ._classifier import load_classifier as load_classifier
 from ._classifier import load_pretrained_classifier as load_pretrained_classifier
 from ._classifier import save_classifier as save_classifier
 from ._classifier import train_classifier as train_classifier
+from ._compilation_cache import enable_compilation_cache as enable_compilation_cache
 from ._controllable import colorize as colorize
 from ._controllable import inpaint as inpaint
 from ._controllable import sample_conditional as sample_conditional
@@ -48,6 +49,7 @@ from ._evaluate import BitsPerDimEvaluation as BitsPerDimEvaluation
 from ._evaluate import SolverBiasEstimate as SolverBiasEstimate
 from ._evaluate import estimate_solver_bias as estimate_solver_bias
 from ._evaluate import evaluate_bits_per_dim as evaluate_bits_per_dim
+from ._failures import SolveError as SolveError
 from ._flow import ProbabilityFlowODE as ProbabilityFlowODE
 from ._flow import decode as decode
 from ._flow import encode as encode

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
+from ._failures import NONFINITE, OK, Failure, all_finite, input_failure, raise_if_failed
 from ._options import UNSET, SDEOptions, sde_options
 from ._pc import (
     AbstractCorrector,
@@ -53,7 +54,6 @@ class KnownRegionProjection(eqx.Module):
 @eqx.filter_jit
 def _inpaint(model, sde, x, mask, keys, eps, steps, predictor, corrector, denoise):
     check_model(model, x.shape[1:], x.dtype)
-    x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf values")
     terms = diffrax.ODETerm(ScoreVectorField(model))
 
     def one(known, m, key):
@@ -62,13 +62,14 @@ def _inpaint(model, sde, x, mask, keys, eps, steps, predictor, corrector, denois
         k_prior, k_proj, k_chain = jax.random.split(key, 3)
         x_T = sde.prior_sample(k_prior, known.shape, known.dtype)
         x_T = projection(sde.T, x_T, k_proj)
-        out, nfe, num_steps = solve_pc(
+        out, nfe, num_steps, failure = solve_pc(
             terms, solver, x_T, k_chain, steps=steps, eps=eps, denoise=denoise
         )
         # Known values come back exactly.
-        return jnp.where(m > 0, known, out), nfe, num_steps
+        return jnp.where(m > 0, known, out), nfe, num_steps, failure
 
-    return jax.vmap(one)(x, mask, keys)
+    out, nfe, num_steps, failure = jax.vmap(one)(x, mask, keys)
+    return out, nfe, num_steps, input_failure(x, sde.T) | failure
 
 
 @eqx.filter_jit
@@ -84,7 +85,6 @@ def _inpaint_smc(model, sde, x, mask, keys, eps, steps, num_particles, denoise):
     particles grows (with the exact score and fine steps).
     """
     check_model(model, x.shape[1:], x.dtype)
-    x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf values")
     dtype = x.dtype
     ts = jnp.linspace(sde.T, eps, steps + 1, dtype=dtype)
     score = jax.vmap(model, in_axes=(None, 0))
@@ -108,9 +108,11 @@ def _inpaint_smc(model, sde, x, mask, keys, eps, steps, num_particles, denoise):
         parts = sde.prior_sample(k_prior, (num_particles,) + known.shape, dtype)
         parts = jnp.where(m > 0, path[0], parts)
         logw = jnp.zeros((num_particles,), dtype)
+        # The time of the first step whose particles became non-finite (NaN: none).
+        t_bad = jnp.asarray(jnp.nan, dtype)
 
         def body(carry, i):
-            parts, logw = carry
+            parts, logw, t_bad = carry
             t, t_next = ts[i], ts[i + 1]
             kz, kr = jax.random.split(jax.random.fold_in(k_loop, i))
             a, g2 = _forward_transition(sde, t, t_next)
@@ -128,18 +130,23 @@ def _inpaint_smc(model, sde, x, mask, keys, eps, steps, num_particles, denoise):
             do = ess < num_particles / 2
             parts = jnp.where(do, parts[idx], parts)
             logw = jnp.where(do, jnp.zeros_like(logw), logw)
-            return (parts, logw), None
+            t_bad = jnp.where(jnp.isnan(t_bad) & ~all_finite(parts), t, t_bad)
+            return (parts, logw, t_bad), None
 
-        (parts, logw), _ = jax.lax.scan(body, (parts, logw), jnp.arange(steps))
+        (parts, logw, t_bad), _ = jax.lax.scan(body, (parts, logw, t_bad), jnp.arange(steps))
         if denoise:
             scale, std = sde.marginal(ts[-1])
             parts = (parts + std**2 * score(ts[-1], parts)) / scale  # Tweedie
+            t_bad = jnp.where(jnp.isnan(t_bad) & ~all_finite(parts), ts[-1], t_bad)
         pick = jax.random.categorical(k_pick, logw)
         out = jnp.where(m > 0, known, parts[pick])
         nfe = num_particles * (steps + int(denoise))
-        return out, jnp.asarray(nfe, jnp.int32), jnp.asarray(steps, jnp.int32)
+        code = jnp.where(jnp.isnan(t_bad), OK, NONFINITE).astype(jnp.int32)
+        return (out, jnp.asarray(nfe, jnp.int32), jnp.asarray(steps, jnp.int32),
+                Failure(code, t_bad))
 
-    return jax.vmap(one)(x, mask, keys)
+    out, nfe, num_steps, failure = jax.vmap(one)(x, mask, keys)
+    return out, nfe, num_steps, input_failure(x, sde.T) | failure
 
 
 def _check_mask(mask, x) -> Array:
@@ -214,13 +221,16 @@ def inpaint(
                 "num_particles > 1 (SMC inpainting) runs the reverse-diffusion predictor without a "
                 "corrector: pass predictor=ReverseDiffusionPredictor(), corrector=None"
             )
-        out, nfe, num_steps = _inpaint_smc(
+        out, nfe, num_steps, failure = _inpaint_smc(
             model, sde, x, mask, keys, eps, steps, num_particles, bool(denoise)
         )
+        what = "sequential Monte Carlo inpainting"
     else:
-        out, nfe, num_steps = _inpaint(
+        out, nfe, num_steps, failure = _inpaint(
             model, sde, x, mask, keys, eps, steps, predictor, corrector, bool(denoise)
         )
+        what = "predictor-corrector sampling (inpaint)"
+    raise_if_failed(failure, what=what, direction=-1)
     return SampleResult(x=out, nfe=nfe, num_steps=num_steps)
 
 
@@ -333,7 +343,7 @@ def _sample_conditional(model, classifier, sde, labels, scale, keys, shape, dtyp
         x_T = sde.prior_sample(k_prior, shape, dtype)
         return solve_pc(terms, solver, x_T, k_chain, steps=steps, eps=eps, denoise=denoise)
 
-    return jax.vmap(one)(labels, keys)
+    return jax.vmap(one)(labels, keys)  # (x, nfe, num_steps, failure)
 
 
 def sample_conditional(
@@ -410,8 +420,10 @@ def sample_conditional(
     if not np.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     keys = jax.random.split(key, labels.shape[0])
-    x, nfe, num_steps = _sample_conditional(
+    x, nfe, num_steps, failure = _sample_conditional(
         model, classifier, sde, labels, jnp.asarray(scale, dtype), keys, shape, dtype, eps,
         steps, predictor, corrector, bool(denoise),
     )
+    raise_if_failed(failure, what="predictor-corrector sampling (sample_conditional)",
+                    direction=-1)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

@@ -31,6 +31,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
+from ._failures import (
+    NONFINITE,
+    OK,
+    Failure,
+    FixedSteps,
+    all_finite,
+    code_of_result,
+    raise_if_failed,
+)
 from ._multistep import step_schedule
 from ._pc import ScoreVectorField
 from ._results import SampleResult
@@ -158,10 +167,12 @@ class EDMStochasticSampler(diffrax.AbstractSolver):
 def solve_edm(model: Callable, sampler: EDMStochasticSampler, x_T, ts, key: PRNGKeyArray):
     """Algorithm 2 for one example from x_T on the times `ts` (T down to eps, N + 1 of them):
     N - 1 Heun steps with churn in diffrax, then the last step without Heun's correction.
-    Returns (x, nfe, num_steps)."""
+    Returns (x, nfe, num_steps, failure): sampling stops at the first non-finite state
+    (`_failures.FixedSteps`), and a non-finite last step is reported at its start."""
     steps = ts.shape[0] - 1
     x = x_T
     heun_steps = jnp.zeros((), jnp.int32)
+    failure = Failure(jnp.asarray(OK, jnp.int32), ts[-1])
     if steps > 1:
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(ScoreVectorField(model)),
@@ -172,20 +183,19 @@ def solve_edm(model: Callable, sampler: EDMStochasticSampler, x_T, ts, key: PRNG
             y0=x_T,
             args=key,
             saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=diffrax.StepTo(ts=ts[:-1]),
+            stepsize_controller=FixedSteps(ts[:-1]),
             max_steps=steps - 1,
             throw=False,
         )
         x = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
         heun_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
+        t_end = sol.ts[-1]  # pyright: ignore[reportOptionalSubscript]
+        failure = Failure(code_of_result(sol.result), t_end)
     x = sampler.churn_step(
         model, ts[-2], ts[-1], x, jax.random.fold_in(key, steps - 1), heun=False
     )
-    x = eqx.error_if(
-        x, ~jnp.all(jnp.isfinite(x)),
-        "EDM sampling produced non-finite values; check that the model returns finite scores",
-    )
-    return x, 2 * heun_steps + 1, heun_steps + 1
+    last = Failure(jnp.where(all_finite(x), OK, NONFINITE).astype(jnp.int32), ts[-2])
+    return x, 2 * heun_steps + 1, heun_steps + 1, failure | last
 
 
 @eqx.filter_jit
@@ -246,5 +256,7 @@ def sample_edm(
     times = step_schedule(schedule)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
-    x, nfe, num_steps = _sample_edm(model, sde, keys, shape, dtype, eps, steps, sampler, times)
+    x, nfe, num_steps, failure = _sample_edm(model, sde, keys, shape, dtype, eps, steps, sampler,
+                                             times)
+    raise_if_failed(failure, what="EDM sampling", direction=-1)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

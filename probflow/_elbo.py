@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._failures import input_failure, raise_if_failed
 from ._flow import _check_flow_inputs
 from ._results import ELBOResult
 from ._sde import AbstractSDE
-from ._validate import check_model, check_positive_int, error_if_nonfinite
+from ._validate import check_model, check_positive_int
 
 #: Score evaluations per vmapped model call: about 2^18 input values (4096 8x8 images, 85 CIFAR
 #: images); the U-Nets' activations are a few hundred times larger.
@@ -128,7 +129,6 @@ def _pair_values(model, sde, x, keys, bound, eps, idx):
 @eqx.filter_jit
 def _elbo(model, sde, x, keys, bound, eps):
     check_model(model, x.shape[1:], x.dtype)
-    x = error_if_nonfinite(x, "x")
     num, m = x.shape[0], bound.nfe
     d = math.prod(x.shape[1:])
     chunk = bound.chunk_size or max(1, _CHUNK_VALUES // d)
@@ -151,7 +151,8 @@ def _elbo(model, sde, x, keys, bound, eps):
     prior = 0.5 * d * math.log(2 * math.pi * sig2) + (scale_t**2 * sq + d * std_t**2) / (2 * sig2)
     diffusion = jnp.mean(v_diff, axis=1)
     reconstruction = jnp.mean(v_rec, axis=1)
-    return prior, diffusion, reconstruction, jnp.sqrt(var_diff + var_rec)
+    # Non-finite data come back as a code, raised in Python (`_failures`).
+    return prior, diffusion, reconstruction, jnp.sqrt(var_diff + var_rec), input_failure(x, eps)
 
 
 def elbo(
@@ -197,7 +198,8 @@ def elbo(
     if key is None:
         raise ValueError("key is required (it draws the times and the noise)")
     keys = jax.random.split(key, x.shape[0])
-    prior, diffusion, reconstruction, stderr = _elbo(model, sde, x, keys, bound, eps)
+    prior, diffusion, reconstruction, stderr, failure = _elbo(model, sde, x, keys, bound, eps)
+    raise_if_failed(failure, what="ELBO", direction=1)
     return ELBOResult(
         nll=prior + diffusion + reconstruction, stderr=stderr,
         nfe=jnp.full(x.shape[:1], bound.nfe, jnp.int32), prior=prior, diffusion=diffusion,

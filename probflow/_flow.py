@@ -18,11 +18,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._failures import (
+    Failure,
+    FixedSteps,
+    GuardedController,
+    code_of_result,
+    input_failure,
+    raise_if_failed,
+)
 from ._nfe import (
     FirstStepCountingController,
     evaluations,
     first_step_attempts,
-    raise_if_failed,
     select_initial_step,
 )
 from ._options import ODEOptions, Refill, ode_options
@@ -44,7 +51,6 @@ from ._validate import (
     check_positive_int,
     check_sde,
     check_shape,
-    error_if_nonfinite,
 )
 
 
@@ -63,11 +69,12 @@ class ProbabilityFlowODE(eqx.Module):
 
 def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde: AbstractSDE):
     """One diffrax solve of one example from t0 to t1 of the probability-flow ODE of `sde`;
-    returns (y1, nfe, num_steps). The solve runs in `opts.time`, on `opts.schedule`'s times
-    when it has fixed steps; the solver's facts come from `opts.traits`.
+    returns (y1, nfe, num_steps, failure). The solve runs in `opts.time`, on `opts.schedule`'s
+    times when it has fixed steps; the solver's facts come from `opts.traits`.
 
-    A solve that fails (max_steps reached, step size underflow, non-finite values) raises through
-    `eqx.error_if` with a message that names the fix.
+    A solve that fails comes back as a `_failures.Failure` (code and t), raised in Python by the
+    caller: it stops at the first non-finite state (`GuardedController`, `FixedSteps`), where the
+    step size collapses, or at max_steps.
     """
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
     solver = opts.solver
@@ -83,20 +90,21 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     term = diffrax.ODETerm(vector_field)
     if opts.adaptive:
         # The wrapper counts the attempts at the first step, which FSAL solvers pay in full.
-        controller = FirstStepCountingController(  # pyright: ignore[reportCallIssue]
-            diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
-        )
         dt0, _ = select_initial_step(vector_field, y0, t0, t1, opts.rtol, opts.atol,
                                      opts.traits.step_order)
+        pid = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        # (pyright reads diffrax's abstract rtol/atol/norm as constructor fields)
+        controller = GuardedController(  # pyright: ignore[reportCallIssue]
+            FirstStepCountingController(pid), dt0  # pyright: ignore[reportCallIssue]
+        )
     else:
-        controller = diffrax.StepTo(ts=ts)
-        dt0 = None
+        controller = FixedSteps(ts)  # pyright: ignore[reportArgumentType]
     sol = diffrax.diffeqsolve(
         term,
         solver,
         t0=jnp.asarray(t0, dtype),
         t1=jnp.asarray(t1, dtype),
-        dt0=dt0,
+        dt0=None,
         y0=y0,
         saveat=diffrax.SaveAt(t1=True, controller_state=opts.adaptive),
         stepsize_controller=controller,
@@ -105,11 +113,12 @@ def solve_flow(vector_field, y0, t0: float, t1: float, opts: ODEOptions, *, sde:
     )
     y1 = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
     num_steps = sol.stats["num_steps"]
-    # StepTo accepts every step: one attempt at the first.
+    # FixedSteps accepts every finite step: one attempt at the first.
     first = first_step_attempts(sol.controller_state) if opts.adaptive else 1
     nfe = evaluations(opts.traits.costs, num_steps, first, adaptive=opts.adaptive)
-    y1 = raise_if_failed(y1, sol.result, opts.max_steps, "ODE")
-    return y1, nfe, num_steps
+    t_end = clock.to_time(sde, sol.ts[-1])  # pyright: ignore[reportOptionalSubscript]
+    failure = Failure(code_of_result(sol.result), t_end)  # pyright: ignore[reportArgumentType]
+    return y1, nfe, num_steps, failure
 
 
 def _check_flow_inputs(model, sde, x, eps, name="x"):
@@ -131,25 +140,24 @@ def _solve_batch(model, sde, y0, t0: float, t1: float, opts: ODEOptions):
     refilled (`refill_solve`), as the plan's scheduler says."""
     vf = ProbabilityFlowODE(model, sde)
     if isinstance(opts.scheduler, Refill):
-        y1, nfe, num_steps, result = refill_solve(
+        return refill_solve(
             lambda _: vf, y0, jnp.zeros(y0.shape[:1], y0.dtype), t0, t1, opts, sde=sde
         )
-        return raise_if_failed(y1, result, opts.max_steps, "ODE"), nfe, num_steps
     return jax.vmap(lambda y: solve_flow(vf, y, t0, t1, opts, sde=sde))(y0)
 
 
 @eqx.filter_jit
 def _encode(model, sde, x, eps, opts):
     check_model(model, x.shape[1:], x.dtype)
-    x = error_if_nonfinite(x, "x")
-    return _solve_batch(model, sde, x, eps, sde.T, opts)
+    z, nfe, num_steps, failure = _solve_batch(model, sde, x, eps, sde.T, opts)
+    return z, nfe, num_steps, input_failure(x, eps) | failure
 
 
 @eqx.filter_jit
 def _decode(model, sde, z, eps, opts):
     check_model(model, z.shape[1:], z.dtype)
-    z = error_if_nonfinite(z, "z")
-    return _solve_batch(model, sde, z, sde.T, eps, opts)
+    x, nfe, num_steps, failure = _solve_batch(model, sde, z, sde.T, eps, opts)
+    return x, nfe, num_steps, input_failure(z, sde.T) | failure
 
 
 def _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule, shape):
@@ -193,7 +201,8 @@ def encode(
     sde, eps, x = _check_flow_inputs(model, sde, x, eps)
     opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
                          x.shape[1:])
-    z, nfe, num_steps = _encode(model, sde, x, eps, opts)
+    z, nfe, num_steps, failure = _encode(model, sde, x, eps, opts)
+    raise_if_failed(failure, what="ODE solve (encode)", direction=1, max_steps=opts.max_steps)
     return EncodeResult(z=z, nfe=nfe, num_steps=num_steps)
 
 
@@ -232,7 +241,9 @@ def decode(
     sde, eps, z = _check_flow_inputs(model, sde, z, eps, name="z")
     opts = _flow_options(options, solver, rtol, atol, steps, max_steps, time, schedule,
                          z.shape[1:])
-    x, nfe, num_steps = _decode(model, sde, z, eps, opts)
+    x, nfe, num_steps, failure = _decode(model, sde, z, eps, opts)
+    raise_if_failed(failure, what="ODE solve (decode)", direction=-1, max_steps=opts.max_steps,
+                    name="z")
     return DecodeResult(x=x, nfe=nfe, num_steps=num_steps)
 
 

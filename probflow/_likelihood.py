@@ -33,8 +33,8 @@ from ._divergence import (
     make_trace_estimator,
 )
 from ._elbo import VariationalBound, as_bound, elbo
+from ._failures import input_failure, raise_if_failed
 from ._flow import _check_flow_inputs, solve_flow
-from ._nfe import raise_if_failed
 from ._options import ODEOptions, Refill, as_scheduler, ode_options
 from ._refill import refill_solve
 from ._results import BitsPerDimResult, LikelihoodResult
@@ -46,7 +46,6 @@ from ._validate import (
     check_num_bins,
     check_positive_int,
     check_sde,
-    error_if_nonfinite,
 )
 from .data._dataset import to_model_space
 
@@ -87,19 +86,18 @@ def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
     """Every example's (logp per probe, z, nfe, num_steps), solved in lockstep (a vmapped
     `solve_flow`) or refilled (`refill_solve`) as the plan's scheduler says."""
     check_model(model, x.shape[1:], x.dtype)
-    x = error_if_nonfinite(x, "x")
     integrand = _LikelihoodIntegrand(model, sde, estimator, divergence_mode)
     y0, probes = jax.vmap(integrand.start)(x, keys)
     if isinstance(opts.scheduler, Refill):
-        y1, nfe, num_steps, result = refill_solve(
+        y1, nfe, num_steps, failure = refill_solve(
             integrand.vector_field, y0, probes, eps, sde.T, opts, sde=sde
         )
-        y1 = raise_if_failed(y1, result, opts.max_steps, "ODE")
     else:
-        y1, nfe, num_steps = jax.vmap(
+        y1, nfe, num_steps, failure = jax.vmap(
             lambda y, p: solve_flow(integrand.vector_field(p), y, eps, sde.T, opts, sde=sde)
         )(y0, probes)
-    return jax.vmap(integrand.log_density)(y1), y1[0], nfe, num_steps
+    logp = jax.vmap(integrand.log_density)(y1)
+    return logp, y1[0], nfe, num_steps, input_failure(x, eps) | failure
 
 
 def _check_likelihood_options(trace, num_probes, key, divergence_mode, control_variate, x):
@@ -189,9 +187,11 @@ def log_likelihood(
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
     keys = jax.random.split(key, x.shape[0])
-    logp_probes, z, nfe, num_steps = _log_likelihood(
+    logp_probes, z, nfe, num_steps, failure = _log_likelihood(
         model, sde, x, keys, eps, opts, estimator, divergence_mode
     )
+    raise_if_failed(failure, what="ODE solve (likelihood)", direction=1,
+                    max_steps=opts.max_steps)
     return LikelihoodResult(
         logp=jnp.mean(logp_probes, axis=1), z=z, nfe=nfe, num_steps=num_steps,
         logp_probes=logp_probes, exact_trace=isinstance(estimator, ExactTrace),
@@ -203,10 +203,6 @@ def _dequantize(x_int, key, num_bins, lo, hi, dequantization, dtype, sde, eps):
     """Model-space draws y and log q_u(u | x) [B] (see `_dequantization.py`); the cell centres
     and log q_u = 0 when `dequantization` is None (no dequantization)."""
     x_int = x_int.astype(jnp.int32)  # uint8 data with num_bins=256 must not wrap around
-    bad = (x_int < 0) | (x_int >= num_bins)
-    x_int = eqx.error_if(
-        x_int, jnp.any(bad), f"x_int must hold integers in [0, num_bins={num_bins})"
-    )
     if dequantization is not None:
         u, log_q = dequantization.sample(
             key, x_int.shape, dtype, bin_width=(hi - lo) / num_bins, sde=sde, eps=eps
@@ -338,6 +334,15 @@ def bits_per_dim(
     dtype = jnp.result_type(float) if dtype is None else dtype
     k_deq, k_probe = jax.random.split(key)
     b = x_int.shape[0]
+    # Levels outside [0, num_bins), per example, checked here in Python (no host callback in
+    # the compiled dequantization).
+    levels = jnp.asarray(x_int).astype(jnp.int32)  # uint8 with num_bins=256 must not wrap
+    outside = int(jnp.sum(jnp.any(((levels < 0) | (levels >= num_bins)).reshape(b, -1), axis=1)))
+    if outside:
+        raise ValueError(
+            f"x_int must hold integers in [0, num_bins={num_bins}): {outside} of {b} examples "
+            "hold levels outside"
+        )
     x_draws = x_int if k == 1 else jnp.concatenate([x_int] * k)  # row k * B + b: draw k of b
     x, log_q = _dequantize(x_draws, k_deq, num_bins, lo, hi, deq if dequantize else None, dtype,
                            sde, eps)

@@ -27,6 +27,14 @@ import jax.numpy as jnp
 from equinox import AbstractClassVar, AbstractVar
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
+from ._failures import (
+    NONFINITE,
+    OK,
+    Failure,
+    FixedSteps,
+    all_finite,
+    code_of_result,
+)
 from ._sde import VESDE, VPSDE, AbstractSDE
 from ._validate import (
     check_eps,
@@ -254,9 +262,9 @@ class PredictorCorrector(diffrax.AbstractSolver):
     """Predictor-corrector sampling (Algorithms 2, 3) as a diffrax solver.
 
     `terms`: an `ODETerm` whose vector field is the score, or a `MultiTerm` of such terms whose
-    vector fields add up to the score. Integrate from T down to eps with `StepTo`; pass the
-    example's PRNG key as `args`. Each step: predictor from t to t_next, then the corrector at
-    t_next. Score evaluations per step: predictor.num_evaluations + corrector.steps.
+    vector fields add up to the score. Integrate from T down to eps with `_failures.FixedSteps`;
+    pass the example's PRNG key as `args`. Each step: predictor from t to t_next, then the
+    corrector at t_next. Score evaluations per step: predictor.num_evaluations + corrector.steps.
     """
 
     sde: AbstractSDE
@@ -345,10 +353,12 @@ def solve_pc(
     eps: float,
     denoise: bool,
 ):
-    """PC sampling of one example from x_T at time T down to eps; returns (x, nfe, num_steps).
+    """PC sampling of one example from x_T at time T down to eps; returns
+    (x, nfe, num_steps, failure).
 
     `terms` carry the score (see `PredictorCorrector`); `steps` uniform noise levels; with
     `denoise`, one more score evaluation maps x_eps to Tweedie's E[x_0 | x_eps] (counted in nfe).
+    Sampling stops at the first step whose state is non-finite (`_failures.FixedSteps`).
     """
     sde = solver.sde
     dtype = x_T.dtype
@@ -362,7 +372,7 @@ def solve_pc(
         y0=x_T,
         args=key,
         saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.StepTo(ts=ts),
+        stepsize_controller=FixedSteps(ts),
         max_steps=steps,
         throw=False,
     )
@@ -380,13 +390,10 @@ def solve_pc(
 
         x = tweedie_denoise(score, sde, ts[-1], x)
         nfe = nfe + 1
-    x = eqx.error_if(
-        x,
-        sol.result != diffrax.RESULTS.successful,
-        "predictor-corrector sampling failed (non-finite values); check that the model returns "
-        "finite scores",
-    )
-    return x, nfe.astype(jnp.int32), num_steps
+    t_end = sol.ts[-1]  # pyright: ignore[reportOptionalSubscript]
+    failure = Failure(code_of_result(sol.result), t_end)
+    last = Failure(jnp.where(all_finite(x), OK, NONFINITE).astype(jnp.int32), ts[-1])
+    return x, nfe.astype(jnp.int32), num_steps, failure | last
 
 
 def check_pc_options(sde, predictor, corrector, steps, eps):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._failures import MAX_STEPS, NONFINITE, OK, STALLED, Failure
 from ._nfe import Costs, select_initial_step
 from ._options import ODEOptions, Refill
 from ._sde import AbstractSDE
@@ -65,8 +66,8 @@ def _take(tree, idx):
     return jtu.tree_map(lambda a: a[idx], tree)
 
 
-# The state of a slot after a step (diffrax's own codes, see `_Stepper.step`).
-_RUNNING, _FINISHED, _MAX_STEPS, _NONFINITE = 0, 1, 2, 3
+# The state of a slot after a step (see `_Stepper.step`; `_result` maps them to `_failures` codes).
+_RUNNING, _FINISHED, _MAX_STEPS, _NONFINITE, _STALLED = 0, 1, 2, 3, 4
 
 
 class _Slots(eqx.Module):
@@ -83,7 +84,9 @@ class _Slots(eqx.Module):
     queue: Array  # the next example to start
     out_y: PyTree  # [N, ...]
     out_steps: Array  # [N]
-    out_status: Array  # [N] _RUNNING (or not started), _FINISHED, _MAX_STEPS, _NONFINITE
+    out_status: Array  # [N] _RUNNING (or not started), _FINISHED, _MAX_STEPS, _NONFINITE,
+    # _STALLED
+    out_t: Array  # [N] the (increasing) clock's time where each example's solve ended
 
 
 class _Stepper(eqx.Module):
@@ -138,6 +141,13 @@ class _Stepper(eqx.Module):
             self.opts.traits.error_order,  # pyright: ignore[reportArgumentType]  (adaptive)
             controller_state,
         )
+        # A non-finite attempt ends the solve at its start (rather than being rejected until
+        # max_steps); a next step below 16 ulps of t means the solve could never finish.
+        finite = jnp.all(jnp.isfinite(_leaves(y1))) & jnp.isfinite(new_tnext)
+        keep = keep & finite
+        new_tprev = jnp.where(finite, new_tprev, tprev)
+        eps = jnp.finfo(jnp.result_type(new_tprev)).eps
+        stalled = new_tnext - new_tprev <= 16 * eps * jnp.abs(new_tprev)
         new_cstate = jtu.tree_map(jnp.asarray, new_cstate)
         new_tprev = jnp.minimum(new_tprev, self.c1)
         clip = new_tnext > self.c1_floor
@@ -148,11 +158,11 @@ class _Stepper(eqx.Module):
         y = jtu.tree_map(sel, y1, y)
         solver_state = jtu.tree_map(sel, new_solver_state, solver_state)
         num_steps = (num_steps + 1).astype(jnp.int32)
-        finite = jnp.all(jnp.isfinite(_leaves(y))) & jnp.isfinite(new_tnext)
         status = jnp.where(
             ~finite, _NONFINITE,
-            jnp.where(new_tprev >= self.c1, _FINISHED,
-                      jnp.where(num_steps >= self.opts.max_steps, _MAX_STEPS, _RUNNING)),
+            jnp.where(new_tprev >= self.c1, _FINISHED, jnp.where(
+                stalled, _STALLED,
+                jnp.where(num_steps >= self.opts.max_steps, _MAX_STEPS, _RUNNING))),
         )
         return new_tprev, new_tnext, y, solver_state, new_cstate, num_steps, status
 
@@ -187,6 +197,7 @@ def _refill(st: _Slots, stepped, stepper: _Stepper, y0, args, dt0, f0) -> _Slots
     out_y = jtu.tree_map(lambda o, v: o.at[where_out].set(v, mode="drop"), st.out_y, y)
     out_steps = st.out_steps.at[where_out].set(num_steps, mode="drop")
     out_status = st.out_status.at[where_out].set(status, mode="drop")
+    out_t = st.out_t.at[where_out].set(tprev, mode="drop")
     # Refill: the k-th finished slot takes example queue + k.
     rank = jnp.cumsum(done, dtype=jnp.int32) - 1
     new_index = jnp.where(done, st.queue + rank, st.index)
@@ -209,21 +220,14 @@ def _refill(st: _Slots, stepped, stepper: _Stepper, y0, args, dt0, f0) -> _Slots
         out_y=out_y,
         out_steps=out_steps,
         out_status=out_status,
+        out_t=out_t,
     )
 
 
-def _result(status: Array) -> diffrax.RESULTS:
-    """diffrax's result code of one example from its final status."""
-    nonfinite = diffrax.RESULTS.where(
-        status == _NONFINITE,
-        diffrax.RESULTS.breakdown,  # pyright: ignore[reportArgumentType]
-        diffrax.RESULTS.successful,  # pyright: ignore[reportArgumentType]
-    )
-    return diffrax.RESULTS.where(
-        status == _MAX_STEPS,
-        diffrax.RESULTS.max_steps_reached,  # pyright: ignore[reportArgumentType]
-        nonfinite,
-    )
+def _result(status: Array, t: Array) -> Failure:
+    """The `_failures.Failure` of each example from its final status and end time `t` (in t)."""
+    codes = jnp.asarray([OK, OK, MAX_STEPS, NONFINITE, STALLED], jnp.int32)
+    return Failure(codes[status], t)  # pyright: ignore[reportArgumentType]
 
 
 def refill_solve(
@@ -243,9 +247,11 @@ def refill_solve(
     N. `opts` is the plan (adaptive, `scheduler=Refill(slots)` resolved): its solver,
     tolerances, `max_steps`, traits and `time`, the clock (`_time.py`) which maps [t0, t1] to its
     own variable and wraps the field; `sde` is the probability-flow ODE's SDE (for the clock and
-    the exponential integrators). Returns `(y1, nfe, num_steps, result)` with leading axis N;
-    `result` is diffrax's `RESULTS` of each example's solve (successful, max_steps_reached, or
-    breakdown for a non-finite state), as a `diffeqsolve(..., throw=False)` returns it.
+    the exponential integrators). Returns `(y1, nfe, num_steps, failure)` with leading axis N;
+    `failure` is each example's `_failures.Failure`: its code (OK; MAX_STEPS; NONFINITE for a
+    non-finite attempted step, which ends the solve at once; STALLED for a step size collapsed
+    below the resolution of t) and the time t (not the clock's) where its solve ended, as
+    `solve_flow` returns it.
     """
     n = jtu.tree_leaves(y0)[0].shape[0]
     dtype = jtu.tree_leaves(y0)[0].dtype
@@ -272,6 +278,7 @@ def refill_solve(
         out_y=jtu.tree_map(jnp.zeros_like, y0),
         out_steps=jnp.zeros((n,), jnp.int32),
         out_status=jnp.zeros((n,), jnp.int32),
+        out_t=jnp.zeros((n,), dtype),
     )
 
     def body(st: _Slots) -> _Slots:
@@ -283,4 +290,5 @@ def refill_solve(
 
     final = jax.lax.while_loop(lambda st: jnp.any(st.index < n), body, state)
     nfe = count_refill_evaluations(opts.traits.costs, final.out_steps)
-    return final.out_y, nfe, final.out_steps, jax.vmap(_result)(final.out_status)
+    t_end = opts.time.to_time(sde, stepper.clock_sign * final.out_t)
+    return final.out_y, nfe, final.out_steps, _result(final.out_status, t_end)

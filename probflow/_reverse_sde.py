@@ -2,7 +2,9 @@
 
     dx = [f(t) x - g(t)^2 score(t, x)] dt + g(t) dw_bar,  from t = T down to t = eps.
 
-The drift is an `ODETerm`, the diffusion a `ControlTerm` driven by a `VirtualBrownianTree`; the
+The drift is an `ODETerm`, the diffusion a `ControlTerm` driven by the Brownian motion (fixed
+steps: exact independent increments per step, `UnsafeBrownianPath`; adaptive steps: a
+`VirtualBrownianTree`, consistent across rejected steps); the
 noise is additive (g does not depend on x), so every diffrax SDE solver applies, including the
 stochastic Runge--Kutta methods for additive noise (SRA1, ShARK, SEA). The solve runs forward in
 the reversed time s = T - t, from 0 to T - eps:
@@ -30,7 +32,14 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import PRNGKeyArray
 
-from ._nfe import evaluations, raise_if_failed
+from ._failures import (
+    Failure,
+    FixedSteps,
+    GuardedController,
+    code_of_result,
+    raise_if_failed,
+)
+from ._nfe import evaluations
 from ._options import UNSET, SDEOptions, sde_options
 from ._pc import (
     AbstractCorrector,
@@ -90,23 +99,32 @@ def _levy_area(solver) -> type:
 
 
 def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, opts: SDEOptions):
-    """One example of the reverse SDE from T to eps; returns (x_eps, nfe, num_steps)."""
+    """One example of the reverse SDE from T to eps; returns (x_eps, nfe, num_steps, failure).
+
+    The solve stops at the first non-finite state (`_failures`), with the failure's time in t.
+    """
     dtype = x_T.dtype
     s_end = float(sde.T) - float(eps)  # reversed time s = T - t runs from 0 to T - eps
+    shape = jax.ShapeDtypeStruct(x_T.shape, dtype)
+    levy_area = _levy_area(opts.solver)
     if opts.steps is None:  # adaptive
-        controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        pid = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
+        controller = GuardedController(pid)  # pyright: ignore[reportCallIssue]
         dt0 = jnp.asarray(s_end / 64, dtype)
-        tol = s_end * 2.0**-16
+        # Rejected steps revisit parts of the path: the tree keeps them consistent (its range
+        # check is the one host callback left in a probflow program, diffrax's own).
+        brownian = diffrax.VirtualBrownianTree(
+            0.0, s_end, tol=s_end * 2.0**-16, shape=shape, key=key, levy_area=levy_area
+        )
+        adjoint = diffrax.RecursiveCheckpointAdjoint()
     else:
-        controller = diffrax.StepTo(ts=jnp.linspace(0.0, s_end, opts.steps + 1, dtype=dtype))
+        steps = opts.steps + 1  # pyright: ignore[reportOptionalOperand]
+        controller = FixedSteps(jnp.linspace(0.0, s_end, steps, dtype=dtype))
         dt0 = None
-        # Finest dyadic cell smaller than a step: each cell holds at most one grid time, where
-        # the tree samples the Brownian bridge exactly, so increments are exact in distribution.
-        tol = s_end / (4 * opts.steps)
-    brownian = diffrax.VirtualBrownianTree(
-        0.0, s_end, tol=tol, shape=jax.ShapeDtypeStruct(x_T.shape, dtype), key=key,
-        levy_area=_levy_area(opts.solver),
-    )
+        # Every step asks once for its own increment (and Levy area), which are independent
+        # Gaussians over disjoint steps: drawn exactly, per step, with no tree to descend.
+        brownian = diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
+        adjoint = diffrax.ForwardMode()  # the path is not for reverse-mode differentiation
     terms = diffrax.MultiTerm(
         diffrax.ODETerm(ReverseSDEDrift(model, sde)),
         diffrax.ControlTerm(ReverseSDEDiffusion(sde), brownian),
@@ -121,14 +139,16 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=controller,
         max_steps=opts.max_steps,
+        adjoint=adjoint,
         throw=False,
     )
     x = sol.ys[-1]  # pyright: ignore[reportOptionalSubscript]  (SaveAt(t1=True))
     num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
     # No SDE solver here is FSAL: every attempt costs the same (one attempt per "first step").
     nfe = evaluations(opts.traits.costs, num_steps, 1, adaptive=False)
-    x = raise_if_failed(x, sol.result, opts.max_steps, "reverse SDE")
-    return x, nfe, num_steps
+    t_end = sde.T - sol.ts[-1]  # pyright: ignore[reportOptionalSubscript]
+    failure = Failure(code_of_result(sol.result), t_end)
+    return x, nfe, num_steps, failure
 
 
 @eqx.filter_jit
@@ -192,7 +212,9 @@ def sample_sde(
                        rtol=rtol, atol=atol, max_steps=max_steps)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
-    x, nfe, num_steps = _sample_sde(model, sde, keys, shape, dtype, eps, opts)
+    x, nfe, num_steps, failure = _sample_sde(model, sde, keys, shape, dtype, eps, opts)
+    raise_if_failed(failure, what="reverse-SDE solve (sample_sde)", direction=-1,
+                    max_steps=opts.max_steps)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)
 
 
@@ -263,7 +285,8 @@ def sample_pc(
     shape = check_shape(shape)
     dtype = jnp.result_type(float) if dtype is None else dtype
     keys = jax.random.split(key, num_samples)
-    x, nfe, num_steps = _sample_pc(
+    x, nfe, num_steps, failure = _sample_pc(
         model, sde, keys, shape, dtype, eps, steps, opts.predictor, opts.corrector, opts.denoise
     )
+    raise_if_failed(failure, what="predictor-corrector sampling (sample_pc)", direction=-1)
     return SampleResult(x=x, nfe=nfe, num_steps=num_steps)

@@ -1,8 +1,9 @@
 """Argument checks shared by every public entry point.
 
 Trace-time mistakes (wrong types, shapes, options) raise `ValueError` naming the argument and what
-was expected; runtime values (non-finite data, out-of-range integers) go through `eqx.error_if`,
-whose returned value the callers keep so that the check cannot be optimised away.
+was expected. Runtime values (non-finite data, out-of-range integers) are checked inside the
+compiled functions and come back as result codes, raised in Python (`_failures.py`): no host
+callback runs inside a compiled solve.
 """
 
 from __future__ import annotations
@@ -151,8 +152,3 @@ def check_model(model: Callable, example_shape: tuple[int, ...], dtype, name: st
             "check that x (without its batch axis) has the shape the model was built for"
         )
 
-
-def error_if_nonfinite(x: Array, name: str = "x") -> Array:
-    return eqx.error_if(
-        x, ~jnp.all(jnp.isfinite(x)), f"{name} contains NaN or inf values; pass finite data"
-    )

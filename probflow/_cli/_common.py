@@ -227,35 +227,28 @@ def progress_bar(total: int, desc: str):
 
 # ------------------------------------------------------------------- compilation cache
 
-#: Where compiled XLA programs are kept between runs (see `enable_compile_cache`).
-CACHE_ENV = "PROBFLOW_CACHE_DIR"
-
-
 def compile_cache_dir() -> Path:
-    """$PROBFLOW_CACHE_DIR, else $XDG_CACHE_HOME/probflow/jax, else ~/.cache/probflow/jax."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(base).expanduser() / "probflow" / "jax"
+    """Where the command line keeps compiled programs (`pf.enable_compilation_cache`'s default)."""
+    from .._compilation_cache import default_cache_dir
+
+    return default_cache_dir()
 
 
 def enable_compile_cache() -> Path | None:
-    """Turn on JAX's persistent compilation cache, so that a second `probflow` run loads the
-    compiled solves instead of compiling them again. Returns the directory (None if it cannot be
-    created: the run then compiles as usual)."""
+    """Turn on JAX's persistent compilation cache (`pf.enable_compilation_cache`), so that a
+    second `probflow` run loads the compiled solves instead of compiling them again. Returns the
+    directory (None if it cannot be created: the run then compiles as usual)."""
     import jax
 
-    path = compile_cache_dir()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    from .._compilation_cache import enable_compilation_cache
+
     # Cache every program that took noticeable time to compile (JAX's default is >= 1 s);
     # PROBFLOW_CACHE_MIN_COMPILE_SECS overrides the threshold (0: cache every program).
     threshold = float(os.environ.get("PROBFLOW_CACHE_MIN_COMPILE_SECS", "0.1"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        path = enable_compilation_cache(min_compile_time_secs=threshold)
+    except ValueError:
+        return None
     # XLA:CPU logs two spurious ERROR lines for every program loaded from the cache (its
     # machine-feature check does not know the tuning features +prefer-no-gather/scatter);
     # silence JAX's logs below CRITICAL so that stderr keeps one line per real problem

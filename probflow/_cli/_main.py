@@ -116,6 +116,7 @@ def _run(args) -> int:
     import jax
 
     from .._checkpoint import CheckpointError
+    from .._failures import SolveError
     from .._run_dir import RunDirectoryError
     from .._train import TrainingDivergedError, TrainingStopped
 
@@ -125,7 +126,7 @@ def _run(args) -> int:
         lost = _peer_failure(e, args)  # a collective's error can arrive as a ValueError
         print(f"probflow {args.command}: error: {lost or e}", file=sys.stderr)
         return 2 if lost is None else 1
-    except (TrainingDivergedError, RunDirectoryError) as e:
+    except (TrainingDivergedError, RunDirectoryError, SolveError) as e:
         print(f"probflow {args.command}: error: {e}", file=sys.stderr)
         return 1
     except TrainingStopped as e:
