@@ -1,8 +1,19 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 
 import probflow as pf
+
+# Every test process (each xdist worker, and the probflow commands it starts) gets its own JAX
+# persistent compilation cache: the CLI turns the cache on in-process, and a cache shared with
+# other test runs or the user's own (written while it is read) must not leak into the suite.
+os.environ["PROBFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="probflow-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PROBFLOW_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
