@@ -126,11 +126,12 @@ def _add_nfe_curve(p) -> None:
     p.add_argument("--tune", action="store_true", default=None,
                    help="also sweep every fixed-step solver on schedules tuned to the model "
                         "(pf.tune_schedule, one per step count, on latents the curve does not "
-                        "use)")
+                        "use; default: off)")
     p.add_argument("--schedule-file", dest="schedule_files", action="append", default=None,
                    metavar="PATH",
                    help="a tuned schedule saved by pf.save_schedule: every fixed-step solver "
-                        "whose step counts include its N also runs on it (repeatable)")
+                        "whose step counts include its N also runs on it (repeatable; default: "
+                        "none)")
     p.add_argument("--eps", type=positive_float, default=1e-3,
                    help="the time sampling stops at, 0 < eps < T")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds the latents and noise")
