@@ -40,8 +40,9 @@ class IPNDM(AbstractExponentialIntegrator):
     **Arguments:**
 
     - `order`: 1 to 4 (default 4), the largest Adams-Bashforth order.
-    - `schedule`: the step schedule of `steps=N`: "quadratic" (uniform in sqrt(t), the
-      default), "time", "log_snr", "edm" or an `AbstractStepSchedule`.
+    - `schedule`: the step schedule of `steps=N`: "sqrt_t" (uniform in sqrt(t), the
+      default), "t", "log_snr", "edm" or an `AbstractStepSchedule` ("quadratic" and "time",
+      the reference code's names, are deprecated aliases of "sqrt_t" and "t").
     - `sde`, `time`, `num_steps`: set by the solve (`bind`); leave them out.
     """
 
@@ -51,7 +52,7 @@ class IPNDM(AbstractExponentialIntegrator):
     time: AbstractClock
     num_steps: int | None
 
-    def __init__(self, order: int = 4, schedule: str | AbstractStepSchedule = "quadratic", *,
+    def __init__(self, order: int = 4, schedule: str | AbstractStepSchedule = "sqrt_t", *,
                  sde=None, time="t",
                  num_steps=None):
         self.solver_order = order

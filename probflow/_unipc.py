@@ -66,8 +66,9 @@ class UniPC(AbstractExponentialIntegrator):
     **Arguments:**
 
     - `order`: 1, 2 or 3 (default 3), the predictor's order; the corrector adds one.
-    - `schedule`: the step schedule of `steps=N`: "quadratic" (uniform in sqrt(t), the
-      default), "time", "log_snr", "edm" or an `AbstractStepSchedule`.
+    - `schedule`: the step schedule of `steps=N`: "sqrt_t" (uniform in sqrt(t), the
+      default), "t", "log_snr", "edm" or an `AbstractStepSchedule` ("quadratic" and "time",
+      the reference code's names, are deprecated aliases of "sqrt_t" and "t").
     - `variant`: "bh1" (B(h) = h; the paper's choice for unguided sampling at few steps, the
       default) or "bh2" (B(h) = e^h - 1, the paper's choice for guided sampling).
     - `prediction`: "data" (x0, as DPM-Solver++; the default) or "noise" (eps).
@@ -88,7 +89,7 @@ class UniPC(AbstractExponentialIntegrator):
     def __init__(
         self,
         order: int = 3,
-        schedule: str | AbstractStepSchedule = "quadratic",
+        schedule: str | AbstractStepSchedule = "sqrt_t",
         variant: str = "bh1",
         prediction: str = "data",
         lower_order_final: bool = True,
