@@ -22,7 +22,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._failures import NONFINITE, OK, Failure, all_finite, input_failure, raise_if_failed
-from ._options import UNSET, SDEOptions, sde_options
+from ._options import UNSET, SDEOptions, pc_options
 from ._pc import (
     AbstractCorrector,
     AbstractPredictor,
@@ -30,7 +30,6 @@ from ._pc import (
     ReverseDiffusionPredictor,
     ScoreVectorField,
     _forward_transition,
-    check_pc_options,
     solve_pc,
 )
 from ._results import SampleResult
@@ -206,11 +205,9 @@ def inpaint(
 
     **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    # steps=None: not given (a PC sampler always has N noise levels).
-    opts = sde_options(options, predictor=predictor, corrector=corrector,
-                       steps=UNSET if steps is None else steps, denoise=denoise)
+    opts, sde, eps, steps = pc_options(options, sde, eps, predictor=predictor,
+                                       corrector=corrector, steps=steps, denoise=denoise)
     predictor, corrector, denoise = opts.predictor, opts.corrector, opts.denoise
-    sde, eps, steps = check_pc_options(sde, predictor, corrector, opts.steps, eps)
     num_particles = check_positive_int(num_particles, "num_particles")
     x = as_float_batch(x, "x")
     mask = _check_mask(mask, x)
@@ -387,11 +384,9 @@ def sample_conditional(
 
     **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    # steps=None: not given (a PC sampler always has N noise levels).
-    opts = sde_options(options, predictor=predictor, corrector=corrector,
-                       steps=UNSET if steps is None else steps, denoise=denoise)
+    opts, sde, eps, steps = pc_options(options, sde, eps, predictor=predictor,
+                                       corrector=corrector, steps=steps, denoise=denoise)
     predictor, corrector, denoise = opts.predictor, opts.corrector, opts.denoise
-    sde, eps, steps = check_pc_options(sde, predictor, corrector, opts.steps, eps)
     shape = check_shape(shape)
     dtype = jnp.result_type(float) if dtype is None else dtype
     labels = jnp.asarray(labels)

@@ -30,6 +30,7 @@ from ._pc import (
     AbstractPredictor,
     LangevinCorrector,
     ReverseDiffusionPredictor,
+    check_pc_options,
 )
 from ._sde import VPSDE, AbstractSDE
 from ._time import (
@@ -350,6 +351,18 @@ def ode_options(
     if given:
         raise _both(given)
     return options
+
+
+def pc_options(
+    options, sde, eps, *, predictor, corrector, steps, denoise
+) -> tuple[SDEOptions, AbstractSDE, float, int]:
+    """The edge of the predictor-corrector samplers (`sample_pc`, `inpaint`,
+    `sample_conditional`): their plan, and the SDE, eps and number of steps checked against it.
+    `steps=None` means not given here: a PC sampler always has N noise levels."""
+    opts = sde_options(options, predictor=predictor, corrector=corrector,
+                       steps=UNSET if steps is None else steps, denoise=denoise)
+    sde, eps, steps = check_pc_options(sde, opts.predictor, opts.corrector, opts.steps, eps)
+    return opts, sde, eps, steps
 
 
 # --------------------------------------------------------------------------- the SDE plan

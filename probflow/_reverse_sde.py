@@ -40,13 +40,12 @@ from ._failures import (
     raise_if_failed,
 )
 from ._nfe import evaluations
-from ._options import UNSET, SDEOptions, sde_options
+from ._options import UNSET, SDEOptions, pc_options, sde_options
 from ._pc import (
     AbstractCorrector,
     AbstractPredictor,
     PredictorCorrector,
     ScoreVectorField,
-    check_pc_options,
     solve_pc,
 )
 from ._results import SampleResult
@@ -277,10 +276,8 @@ def sample_pc(
 
     **Returns:** `SampleResult` with `x`, `nfe` and `num_steps`.
     """
-    # steps=None: not given (a PC sampler always has N noise levels).
-    opts = sde_options(options, predictor=predictor, corrector=corrector,
-                       steps=UNSET if steps is None else steps, denoise=denoise)
-    sde, eps, steps = check_pc_options(sde, opts.predictor, opts.corrector, opts.steps, eps)
+    opts, sde, eps, steps = pc_options(options, sde, eps, predictor=predictor,
+                                       corrector=corrector, steps=steps, denoise=denoise)
     num_samples = check_positive_int(num_samples, "num_samples")
     shape = check_shape(shape)
     dtype = jnp.result_type(float) if dtype is None else dtype
