@@ -1,6 +1,7 @@
 """Few-step sampling on digits-vp: every solver x schedule, tuned schedules included.
 
-    python benchmarks/fewstep.py [--nfe 4,5,6,8,10,15,20] [--tune-nfe 5,10] [--json PATH]
+    python benchmarks/fewstep.py [--nfe 4,5,6,8,10,15,20] [--tune-nfe 5,10]
+                                 [--tune-solver-nfe 5,10] [--json PATH]
                                  [--plot docs/img/fewstep.png]
 
 Solver error: RMS over the 64 held-out prior latents and all pixels of the decode's difference,
@@ -8,7 +9,9 @@ in model space, from a Tsit5 solve at rtol = atol = 1e-7 from the same latents. 
 pf.frechet_distance between the shipped digits classifier's features of the (clipped) decodes and
 of the digits test split. Tuned schedules are tuned (pf.tune_schedule, default options) on 32
 other prior latents, one per solver and step count in --tune-nfe. A setting whose NFE is not a
-multiple of the solver's evaluations per step is skipped.
+multiple of the solver's evaluations per step is skipped. Tuned solvers (pf.tune_solver,
+default options: 64 other prior latents) are tuned at each NFE in --tune-solver-nfe and reported
+with their tuning time (compilation and reference solve included).
 
 """
 
@@ -52,6 +55,8 @@ def main():
     p.add_argument("--tune-nfe", type=ints, default=(5, 10),
                    help="the NFE at which schedules are tuned (each takes minutes here)")
     p.add_argument("--tune-solvers", default="DPM-Solver++(2M),DPM-Solver++(3M)")
+    p.add_argument("--tune-solver-nfe", type=ints, default=(5, 10),
+                   help="the NFE at which pf.tune_solver is run (empty: none)")
     p.add_argument("--solvers", default=None, help="comma-separated labels (default: all)")
     p.add_argument("--schedules", default=None, help="comma-separated names (default: all)")
     p.add_argument("--num-latents", type=int, default=64)
@@ -107,6 +112,16 @@ def main():
                                  frechet=fd))
                 print(f"{label:18s} {sname:10s} NFE {int(r.nfe[0]):3d}  error {err:.5f}  "
                       f"Frechet {fd:.4g}", flush=True)
+    for nfe in a.tune_solver_nfe:
+        t = time.perf_counter()
+        tuned = pf.tune_solver(model, sde, nfe, key=jax.random.key(7))
+        wall = time.perf_counter() - t
+        r = pf.decode(model, sde, z, solver=tuned, steps=nfe)
+        err, fd = measure(r.x)
+        rows.append(dict(solver="TunedSolver", schedule="tuned", nfe=int(r.nfe[0]), error=err,
+                         frechet=fd, tuning_seconds=wall))
+        print(f"{'TunedSolver':18s} {'tuned':10s} NFE {int(r.nfe[0]):3d}  error {err:.5f}  "
+              f"Frechet {fd:.4g}  (tuned in {wall:.0f} s)", flush=True)
     base = {r["nfe"]: r["error"] for r in rows
             if (r["solver"], r["schedule"]) == BASELINE}
     for nfe in (5, 10):

@@ -114,6 +114,10 @@ from ._train import train as train
 from ._tune import TunedSchedule as TunedSchedule
 from ._tune import TunedScheduleError as TunedScheduleError
 from ._tune import load_schedule as load_schedule
+from ._tune import load_solver as load_solver
 from ._tune import save_schedule as save_schedule
+from ._tune import save_solver as save_solver
 from ._tune import tune_schedule as tune_schedule
+from ._tune import tune_solver as tune_solver
+from ._tuned_solver import TunedSolver as TunedSolver
 from ._unipc import UniPC as UniPC

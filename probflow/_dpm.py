@@ -94,7 +94,8 @@ class AbstractExponentialIntegrator(diffrax.AbstractSolver, AbstractCountedSolve
         """The order of the solution; with steps=None also that of the error estimate."""
         return self.solver_order
 
-    def bind(self, sde: AbstractSDE, time="t", num_steps: int | None = None):
+    def bind(self, sde: AbstractSDE, time: str | AbstractClock = "t",
+             num_steps: int | None = None):
         """This solver for the probability-flow ODE of `sde`, run in clock `time` (a clock, or
         its name); `num_steps` is the number of steps of a fixed-step solve (None when adaptive)."""
         return self._with(sde=sde, time=self.check_clock(as_clock(time)), num_steps=num_steps)

@@ -71,6 +71,10 @@ class AbstractCountedSolver(eqx.Module):
         """The solver's own schedule for a fixed-step solve (None: the plan's default)."""
         return None
 
+    def check_steps(self, steps: int) -> None:
+        """A one-line ValueError if the solver cannot take `steps` fixed steps (default: it
+        can)."""
+
 
 _ALL_CLOCKS: tuple[type[AbstractClock], ...] = (LinearTime, LogSNRTime, SqrtTime)
 

@@ -252,6 +252,11 @@ class ODEOptions(eqx.Module):
                 "schedule=None for an adaptive solve"
             )
         _check_steps(self.steps, self.max_steps)
+        if self.steps is not None:
+            if isinstance(self.solver, AbstractCountedSolver):
+                self.solver.check_steps(self.steps)
+            if self.schedule is not None:
+                self.schedule.check_steps(self.steps)
         if isinstance(self.scheduler, Refill) and type(self.time) not in traits.refill_clocks:
             if traits.refill_clocks:
                 allowed = ", ".join(repr(c.name) for c in traits.refill_clocks)

@@ -205,6 +205,9 @@ class AbstractStepSchedule(eqx.Module):
     def times(self, sde: AbstractSDE, t0: float, t1: float, steps: int, dtype) -> Array:
         """steps + 1 times (in t) from t0 to t1 (either direction), the ends exact."""
 
+    def check_steps(self, steps: int) -> None:
+        """A one-line ValueError if this schedule cannot lay `steps` steps (default: it can)."""
+
     def clock_times(self, sde, clock: AbstractClock, t0: float, t1: float, steps: int, dtype):
         """The same times on `clock` (what a solve in that clock steps to), the ends exact."""
         ts = self.times(sde, t0, t1, steps, dtype)

@@ -41,10 +41,12 @@ from ._flow import ProbabilityFlowODE, decode
 from ._options import ODEOptions
 from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
+from ._tuned_solver import TunedSolver, coefficients_list
 from ._validate import check_eps, check_positive_float, check_positive_int, check_sde, check_shape
 from .models._base import AbstractScoreModel
 
 FORMAT = "probflow-tuned-schedule"
+SOLVER_FORMAT = "probflow-tuned-solver"
 FORMAT_VERSION = 1
 
 
@@ -92,12 +94,15 @@ class TunedSchedule(AbstractStepSchedule):
     def steps(self) -> int:
         return len(self.ts) - 1
 
-    def times(self, sde, t0, t1, steps, dtype) -> Array:
-        hi, lo = self.ts[0], self.ts[-1]
+    def check_steps(self, steps: int) -> None:
         if steps != self.steps:
             raise ValueError(
                 f"steps={steps} does not match this TunedSchedule, tuned for steps={self.steps}"
             )
+
+    def times(self, sde, t0, t1, steps, dtype) -> Array:
+        hi, lo = self.ts[0], self.ts[-1]
+        self.check_steps(steps)
         if not ({_same(t0, hi), _same(t1, lo)} == {True} or {_same(t0, lo), _same(t1, hi)}
                 == {True}):
             raise ValueError(
@@ -190,28 +195,166 @@ def _fixed_step_solve(term, solver, cs, y0):
 
 
 class _Objective(eqx.Module):
-    """The square of the mean over latents of each latent's RMS error (in model space) of the
-    fixed-step decode on times param(w). Per-latent RMS rather than one mean squared error: a
-    few latents with large errors dominate the latter, and schedules tuned to them did worse on
-    other latents (docs/samplers.md)."""
+    """The tuning loss of the fixed-step decode on times param(w), with `coefficients` put into
+    the solver when given (`tune_solver`).
+
+    `tune_schedule`'s loss is the square of the mean over latents of each latent's RMS error (in
+    model space): a few latents with large errors dominate a mean squared error, and schedules
+    tuned to them did worse on other latents (docs/samplers.md). `tune_solver`'s is the mean
+    squared error itself, the square of the RMS error we report: with its coefficients free it
+    generalised to other latents as well as on the calibration batch (docs/samplers.md)."""
 
     term: diffrax.ODETerm
     solver: diffrax.AbstractSolver
     clock: AbstractClock = eqx.field(static=True)
     sde: AbstractSDE
     param: _Parametrisation
+    squared_error: bool = eqx.field(static=True)
 
-    def __call__(self, w, z, ref):
+    def __call__(self, params, z, ref):
+        w, coefficients = params
+        solver = self.solver
+        if coefficients is not None:
+            solver = eqx.tree_at(lambda s: s.coefficients, solver, coefficients)
         ts = self.param(w)
         cs = self.clock.to_clock(self.sde, ts)
-        x = _fixed_step_solve(self.term, self.solver, cs, z)
+        x = _fixed_step_solve(self.term, solver, cs, z)
         d = jnp.reshape(x - ref, (x.shape[0], -1))
+        if self.squared_error:
+            return jnp.mean(d**2)
         return jnp.mean(jnp.sqrt(jnp.mean(d**2, axis=1) + 1e-20)) ** 2
 
 
 @eqx.filter_jit
-def _loss_and_grad(objective, w, z, ref):
-    return jax.value_and_grad(objective)(w, z, ref)
+def _loss_and_grad(objective, params, z, ref):
+    return jax.value_and_grad(objective)(params, z, ref)
+
+
+def _adam(objective, params, z, ref, iterations: int, learning_rate: float, progress) -> Any:
+    """The best parameters seen on the calibration batch in `iterations` Adam steps from
+    `params` (so never worse there than the start)."""
+    optimiser = optax.adam(learning_rate)
+    state = optimiser.init(params)
+    best_params, best = params, math.inf
+    for i in range(iterations + 1):
+        loss, grad = _loss_and_grad(objective, params, z, ref)
+        loss = float(loss)
+        if math.isfinite(loss) and loss < best:
+            best_params, best = params, loss
+        if progress is not None:
+            progress(i, math.sqrt(loss))
+        if i == iterations:
+            break
+        updates, state = optimiser.update(grad, state)
+        params = optax.apply_updates(params, updates)
+    if not math.isfinite(best):
+        raise ValueError("tune_schedule: the solve is not finite on the calibration batch")
+    return best_params
+
+
+class _LBFGSStep(eqx.Module):
+    """One L-BFGS step (optax, zoom line search) on the objective at fixed data."""
+
+    objective: _Objective
+    optimiser: Any = eqx.field(static=True)
+
+    def __call__(self, params, state, z, ref):
+        fn = lambda p: self.objective(p, z, ref)
+        value, grad = optax.value_and_grad_from_state(fn)(params, state=state)
+        updates, state = self.optimiser.update(grad, state, params, value=value, grad=grad,
+                                               value_fn=fn)
+        return optax.apply_updates(params, updates), state, value
+
+
+@eqx.filter_jit
+def _lbfgs_step(step, params, state, z, ref):
+    return step(params, state, z, ref)
+
+
+def _lbfgs(objective, params, z, ref, iterations: int, progress) -> Any:
+    """The best parameters seen on the calibration batch in `iterations` L-BFGS steps from
+    `params`. For `tune_solver`'s few dozen parameters and smooth loss it reaches in 40 steps
+    what Adam reached in 100 (docs/samplers.md), at one or two solves a step."""
+    optimiser = optax.lbfgs()
+    # Strong types, so that the state after a step has the types of the first one (one compile).
+    state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=a.dtype),
+                                   optimiser.init(params))
+    step = _LBFGSStep(objective, optimiser)
+    best_params, best = params, math.inf
+    for i in range(iterations + 1):
+        new_params, new_state, loss = _lbfgs_step(step, params, state, z, ref)
+        loss = float(loss)  # the loss at `params`
+        if math.isfinite(loss) and loss < best:
+            best_params, best = params, loss
+        if progress is not None:
+            progress(i, math.sqrt(loss))
+        if i == iterations or not math.isfinite(loss):
+            break
+        params, state = new_params, new_state
+    if not math.isfinite(best):
+        raise ValueError("tune_solver: the solve is not finite on the calibration batch")
+    return best_params
+
+
+class _Setup(eqx.Module):
+    """What both tuners build from their arguments: the plan's clock and starting times, the
+    calibration latents and their reference decode, the flow's term and the time
+    parametrisation."""
+
+    clock: AbstractClock = eqx.field(static=True)
+    ts0: Array
+    z: Array
+    ref: Array
+    term: diffrax.ODETerm
+    param: _Parametrisation
+
+
+def _setup(model, sde, opts: ODEOptions, steps, *, key, shape, num_latents, eps,
+           reference_solver, reference_tol) -> _Setup:
+    clock = opts.time
+    assert opts.schedule is not None  # fixed steps always have one
+    dtype = jnp.result_type(float)
+    t_hi, t_lo = float(sde.T), float(eps)
+    ts0 = opts.schedule.times(sde, t_hi, t_lo, steps, dtype)
+    z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(jax.random.split(key, num_latents))
+    ref_solver = diffrax.Tsit5() if reference_solver is None else reference_solver
+    ref = decode(model, sde, z, eps=eps, solver=ref_solver, rtol=reference_tol,
+                 atol=reference_tol).x
+    term = diffrax.ODETerm(clock.wrap(_BatchFlow(ProbabilityFlowODE(model, sde)), sde))
+    param = _Parametrisation(math.sqrt(t_hi), math.sqrt(t_lo), t_hi, t_lo)
+    return _Setup(clock, ts0, z, ref, term, param)
+
+
+def _check_tuning(model, sde, steps, shape, num_latents, iterations, learning_rate, eps,
+                  reference_tol):
+    """The arguments both tuners share, checked (one-line ValueErrors naming the argument)."""
+    sde = check_sde(sde)
+    eps = check_eps(eps, sde)
+    if not callable(model):
+        raise ValueError(f"model must be a callable model(t, x) -> score, got {type(model)}")
+    if shape is None:
+        if not isinstance(model, AbstractScoreModel):
+            raise ValueError("shape must be given (one example's shape) for this model")
+        shape = tuple(model.shape)
+    shape = check_shape(shape)
+    steps = _positive_int(steps, "steps")
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (a 1-step schedule has no times to tune), "
+                         f"got {steps}")
+    num_latents = _positive_int(num_latents, "num_latents")
+    iterations = _positive_int(iterations, "iterations")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    reference_tol = check_positive_float(reference_tol, "reference_tol")
+    return sde, eps, shape, steps, num_latents, iterations, learning_rate, reference_tol
+
+
+def _tuned_times(setup: _Setup, w, model, sde, solver_repr: str) -> TunedSchedule:
+    tuned = np.asarray(setup.param(w), np.float64)
+    t_hi, t_lo = setup.param.t0, setup.param.t1
+    return TunedSchedule(
+        ts=(t_hi, *(float(t) for t in tuned[1:-1]), t_lo), model=fingerprint(model),
+        sde=repr(sde), solver=solver_repr, time=setup.clock.name,
+    )
 
 
 def tune_schedule(
@@ -265,67 +408,89 @@ def tune_schedule(
 
     **Returns:** a `TunedSchedule`; pass it as `schedule=` with `steps=N` to any solve.
     """
-    sde = check_sde(sde)
-    eps = check_eps(eps, sde)
-    if not callable(model):
-        raise ValueError(f"model must be a callable model(t, x) -> score, got {type(model)}")
-    if shape is None:
-        if not isinstance(model, AbstractScoreModel):
-            raise ValueError("shape must be given (one example's shape) for this model")
-        shape = tuple(model.shape)
-    shape = check_shape(shape)
-    steps = _positive_int(steps, "steps")
-    if steps < 2:
-        raise ValueError(f"steps must be at least 2 (a 1-step schedule has no times to tune), "
-                         f"got {steps}")
-    num_latents = _positive_int(num_latents, "num_latents")
-    iterations = _positive_int(iterations, "iterations")
-    learning_rate = check_positive_float(learning_rate, "learning_rate")
-    reference_tol = check_positive_float(reference_tol, "reference_tol")
+    sde, eps, shape, steps, num_latents, iterations, learning_rate, reference_tol = (
+        _check_tuning(model, sde, steps, shape, num_latents, iterations, learning_rate, eps,
+                      reference_tol))
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(f"solver must be a diffrax solver, got {type(solver).__name__}")
     # The same edge as a solve: checks the solver, steps and clock; gives the default schedule.
     opts = ODEOptions(solver=solver, steps=steps, time=time, schedule=init)
-    clock = opts.time
-    assert opts.schedule is not None  # fixed steps always have one
-    dtype = jnp.result_type(float)
-    t_hi, t_lo = float(sde.T), float(eps)
-    ts0 = opts.schedule.times(sde, t_hi, t_lo, steps, dtype)
-
-    z = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(jax.random.split(key, num_latents))
-    ref_solver = diffrax.Tsit5() if reference_solver is None else reference_solver
-    ref = decode(model, sde, z, eps=eps, solver=ref_solver, rtol=reference_tol,
-                 atol=reference_tol).x
-
+    setup = _setup(model, sde, opts, steps, key=key, shape=shape, num_latents=num_latents,
+                   eps=eps, reference_solver=reference_solver, reference_tol=reference_tol)
     bound = opts.solver
     if opts.traits.needs_binding:
-        bound = bound.bind(sde, clock, steps)  # pyright: ignore[reportAttributeAccessIssue]
-    term = diffrax.ODETerm(clock.wrap(_BatchFlow(ProbabilityFlowODE(model, sde)), sde))
-    param = _Parametrisation(math.sqrt(t_hi), math.sqrt(t_lo), t_hi, t_lo)
-    objective = _Objective(term, bound, clock, sde, param)
+        bound = bound.bind(sde, setup.clock, steps)  # pyright: ignore[reportAttributeAccessIssue]
+    objective = _Objective(setup.term, bound, setup.clock, sde, setup.param, False)
+    w, _ = _adam(objective, (setup.param.inverse(setup.ts0), None), setup.z, setup.ref,
+                 iterations, learning_rate, progress)
+    return _tuned_times(setup, w, model, sde, describe_solver(solver))
 
-    w = param.inverse(ts0)
-    optimiser = optax.adam(learning_rate)
-    state = optimiser.init(w)
-    best_w, best = w, math.inf
-    for i in range(iterations + 1):
-        loss, grad = _loss_and_grad(objective, w, z, ref)
-        loss = float(loss)
-        if math.isfinite(loss) and loss < best:
-            best_w, best = w, loss
-        if progress is not None:
-            progress(i, math.sqrt(loss))
-        if i == iterations:
-            break
-        updates, state = optimiser.update(grad, state)
-        w = optax.apply_updates(w, updates)
-    if not math.isfinite(best):
-        raise ValueError("tune_schedule: the solve is not finite on the calibration batch")
-    tuned = np.asarray(param(best_w), np.float64)
-    return TunedSchedule(
-        ts=(t_hi, *(float(t) for t in tuned[1:-1]), t_lo), model=fingerprint(model), sde=repr(sde),
-        solver=describe_solver(solver), time=clock.name,
-    )
+
+def tune_solver(
+    model: Callable,
+    sde: AbstractSDE,
+    steps: int,
+    *,
+    key: PRNGKeyArray,
+    shape: tuple[int, ...] | None = None,
+    history: int = 2,
+    num_latents: int = 64,
+    iterations: int | None = None,
+    eps: float = 1e-3,
+    time: str | AbstractClock = "t",
+    init: str | AbstractStepSchedule | None = None,
+    reference_solver: diffrax.AbstractSolver | None = None,
+    reference_tol: float = 1e-5,
+    progress: Callable[[int, float], None] | None = None,
+) -> TunedSolver:
+    """A `TunedSolver` of `steps` steps from T to eps: DPM-Solver++(2M) with its step times and
+    per-step coefficients tuned to `model`.
+
+    Times and coefficients together minimise the mean squared error, in model space, of the
+    solver's fixed-step decode of a calibration batch of prior latents against a tight reference
+    solve from the same latents: `iterations` L-BFGS steps (gradients by backpropagation through
+    the solve), from DPM-Solver++(2M) on `init` (coefficients zero). The best seen on the
+    calibration batch is returned. Evaluate it on other latents (docs/samplers.md).
+
+    **Arguments:**
+
+    - `model`: the score model, `model(t, x)` for one example.
+    - `sde`: its SDE.
+    - `steps`: N >= 2, the number of steps (= score evaluations).
+    - `key`: draws the calibration latents, as `tune_schedule`.
+    - `shape`: one example's shape (default `model.shape` for probflow's score models).
+    - `history`: H >= 1, the earlier evaluations each step may combine.
+    - `num_latents`: the calibration batch size.
+    - `iterations`: the number of L-BFGS steps (None: 350 // steps, at least 20, so that the
+      tuning costs about the same at every N: under 2 minutes here for the shipped models at
+      N <= 10, docs/samplers.md).
+    - `eps`: the time the decode ends at.
+    - `time`: the clock the solves run in ("t" or "log_snr").
+    - `init`: the starting schedule (None: DPM-Solver++(2M)'s default, uniform in sqrt(t)).
+    - `reference_solver`: the adaptive solver of the reference (default `diffrax.Tsit5()`).
+    - `reference_tol`: its rtol = atol.
+    - `progress`: called as `progress(i, rms_error)` after each evaluation of the objective on
+      the calibration batch (i = 0 is the untuned start).
+
+    **Returns:** a `TunedSolver`; pass it as `solver=` with `steps=N` to `decode` or
+    `sample_ode`.
+    """
+    if iterations is None:
+        iterations = max(20, 350 // steps) if isinstance(steps, int) and steps > 0 else 20
+    sde, eps, shape, steps, num_latents, iterations, _, reference_tol = (
+        _check_tuning(model, sde, steps, shape, num_latents, iterations, 1.0, eps,
+                      reference_tol))
+    history = _positive_int(history, "history")
+    start = TunedSolver(jnp.zeros((steps, history + 1), jnp.result_type(float)))
+    opts = ODEOptions(solver=start, steps=steps, time=time, schedule=init)
+    setup = _setup(model, sde, opts, steps, key=key, shape=shape, num_latents=num_latents,
+                   eps=eps, reference_solver=reference_solver, reference_tol=reference_tol)
+    bound = start.bind(sde, setup.clock, steps)
+    objective = _Objective(setup.term, bound, setup.clock, sde, setup.param, True)
+    w, coefficients = _lbfgs(objective, (setup.param.inverse(setup.ts0), start.coefficients),
+                             setup.z, setup.ref, iterations, progress)
+    schedule = _tuned_times(setup, w, model, sde, describe_solver(start))
+    return TunedSolver(coefficients, schedule)
 
 
 # --------------------------------------------------------------------------- the file
@@ -333,6 +498,19 @@ def tune_schedule(
 
 def _digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _schedule_body(fmt: str, schedule: TunedSchedule, info) -> dict:
+    return {
+        "format": fmt, "version": FORMAT_VERSION, "steps": schedule.steps,
+        "times": list(schedule.ts), "model": schedule.model, "sde": schedule.sde,
+        "solver": schedule.solver, "time": schedule.time, "info": dict(info or {}),
+    }
+
+
+def _write(path, body: dict) -> None:
+    text = json.dumps({**body, "sha256": _digest(body)}, indent=1, sort_keys=True)
+    write_atomically(path, (text + "\n").encode())
 
 
 def save_schedule(path: str | os.PathLike, schedule: TunedSchedule,
@@ -348,13 +526,65 @@ def save_schedule(path: str | os.PathLike, schedule: TunedSchedule,
     """
     if not isinstance(schedule, TunedSchedule):
         raise ValueError(f"schedule must be a TunedSchedule, got {type(schedule).__name__}")
-    body = {
-        "format": FORMAT, "version": FORMAT_VERSION, "steps": schedule.steps,
-        "times": list(schedule.ts), "model": schedule.model, "sde": schedule.sde,
-        "solver": schedule.solver, "time": schedule.time, "info": dict(info or {}),
-    }
-    text = json.dumps({**body, "sha256": _digest(body)}, indent=1, sort_keys=True)
-    write_atomically(path, (text + "\n").encode())
+    _write(path, _schedule_body(FORMAT, schedule, info))
+
+
+def save_solver(path: str | os.PathLike, solver: TunedSolver,
+                info: dict[str, Any] | None = None) -> None:
+    """Write a tuned solver to its own small file: its schedule's file (`save_schedule`) with
+    the coefficients added; written atomically.
+
+    **Arguments:**
+
+    - `path`: the file to write.
+    - `solver`: a `TunedSolver` made by `tune_solver` (its schedule a `TunedSchedule`).
+    - `info`: JSON-serialisable notes stored with it.
+    """
+    if not isinstance(solver, TunedSolver) or not isinstance(solver.schedule, TunedSchedule):
+        raise ValueError("solver must be a TunedSolver made by tune_solver or load_solver, "
+                         f"got {type(solver).__name__}")
+    body = _schedule_body(SOLVER_FORMAT, solver.schedule, info)
+    body["coefficients"] = coefficients_list(solver)
+    _write(path, body)
+
+
+def _read(path, fmt: str, what: str) -> tuple[dict, TunedSchedule]:
+    """The checked body of a file written by `_write` in format `fmt`, and its schedule."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise TunedScheduleError(f"no such {what} file: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise TunedScheduleError(f"{what} file is not valid JSON: {path}") from None
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        raise TunedScheduleError(f"not a probflow {what} file: {path}")
+    body = {k: v for k, v in raw.items() if k != "sha256"}
+    if raw.get("sha256") != _digest(body):
+        raise TunedScheduleError(f"{what} file is corrupted (checksum mismatch): {path}")
+    if raw.get("version") != FORMAT_VERSION:
+        raise TunedScheduleError(f"{what} file has version {raw.get('version')!r}, "
+                                 f"expected {FORMAT_VERSION}: {path}")
+    try:
+        sched = TunedSchedule(
+            ts=tuple(float(t) for t in raw["times"]), model=str(raw["model"]),
+            sde=str(raw["sde"]), solver=str(raw["solver"]), time=str(raw["time"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TunedScheduleError(f"{what} file is invalid ({msg}): {path}") from None
+    if sched.steps != raw.get("steps"):
+        raise TunedScheduleError(f"{what} file is invalid (steps): {path}")
+    return body, sched
+
+
+def _check_for(path, what: str, sched: TunedSchedule, checks) -> None:
+    for name, given, describe in checks:
+        if given is not None and describe(given) != getattr(sched, name):
+            raise TunedScheduleError(
+                f"{name}: the {what} at {path} was tuned for another {name} "
+                f"({getattr(sched, name)[:60]})"
+            )
 
 
 def load_schedule(path: str | os.PathLike, *, model: Callable | None = None,
@@ -372,37 +602,32 @@ def load_schedule(path: str | os.PathLike, *, model: Callable | None = None,
     - `sde`: if given, the SDE it must have been tuned for.
     - `solver`: if given, the solver it must have been tuned for.
     """
+    _, sched = _read(path, FORMAT, "tuned-schedule")
+    _check_for(path, "tuned schedule", sched, (("model", model, fingerprint), ("sde", sde, repr),
+                                               ("solver", solver, describe_solver)))
+    return sched
+
+
+def load_solver(path: str | os.PathLike, *, model: Callable | None = None,
+                sde: AbstractSDE | None = None) -> TunedSolver:
+    """The `TunedSolver` saved by `save_solver` at `path`.
+
+    A missing, damaged or foreign file, or one tuned for another model or SDE than those given,
+    raises `TunedScheduleError` (a ValueError) with a one-line message.
+
+    **Arguments:**
+
+    - `path`: the file.
+    - `model`: if given, the model it must have been tuned for (a fingerprint of its weights).
+    - `sde`: if given, the SDE it must have been tuned for.
+    """
+    body, sched = _read(path, SOLVER_FORMAT, "tuned-solver")
+    _check_for(path, "tuned solver", sched, (("model", model, fingerprint), ("sde", sde, repr)))
     try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read().decode())
-    except FileNotFoundError:
-        raise TunedScheduleError(f"no such tuned-schedule file: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise TunedScheduleError(f"tuned-schedule file is not valid JSON: {path}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise TunedScheduleError(f"not a probflow tuned-schedule file: {path}")
-    body = {k: v for k, v in raw.items() if k != "sha256"}
-    if raw.get("sha256") != _digest(body):
-        raise TunedScheduleError(f"tuned-schedule file is corrupted (checksum mismatch): {path}")
-    if raw.get("version") != FORMAT_VERSION:
-        raise TunedScheduleError(f"tuned-schedule file has version {raw.get('version')!r}, "
-                                 f"expected {FORMAT_VERSION}: {path}")
-    try:
-        sched = TunedSchedule(
-            ts=tuple(float(t) for t in raw["times"]), model=str(raw["model"]),
-            sde=str(raw["sde"]), solver=str(raw["solver"]), time=str(raw["time"]),
-        )
+        c = np.asarray(body["coefficients"], np.float64)
+        if c.ndim != 2 or c.shape[0] != sched.steps or not np.all(np.isfinite(c)):
+            raise ValueError("coefficients")
+        return TunedSolver(jnp.asarray(c, jnp.result_type(float)), sched)
     except (KeyError, TypeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TunedScheduleError(f"tuned-schedule file is invalid ({msg}): {path}") from None
-    if sched.steps != raw.get("steps"):
-        raise TunedScheduleError(f"tuned-schedule file is invalid (steps): {path}")
-    checks = (("model", model, fingerprint), ("sde", sde, repr), ("solver", solver,
-                                                                  describe_solver))
-    for name, given, describe in checks:
-        if given is not None and describe(given) != getattr(sched, name):
-            raise TunedScheduleError(
-                f"{name}: the tuned schedule at {path} was tuned for another {name} "
-                f"({getattr(sched, name)[:60]})"
-            )
-    return sched
+        raise TunedScheduleError(f"tuned-solver file is invalid ({msg}): {path}") from None

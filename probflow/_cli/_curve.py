@@ -47,6 +47,7 @@ class CurveSettings:
     reference_tol: float
     tune: bool = False  # add a tuned-schedule copy of every fixed-step solver
     schedule_files: tuple[str, ...] = ()  # tuned schedules (pf.save_schedule files) to add
+    solver_files: tuple[str, ...] = ()  # tuned solvers (pf.save_solver files) to add
 
 
 #: The default sweep: a few settings of each kind, about 5 minutes on 2 CPU cores.
@@ -132,6 +133,10 @@ def _add_nfe_curve(p) -> None:
                    help="a tuned schedule saved by pf.save_schedule: every fixed-step solver "
                         "whose step counts include its N also runs on it (repeatable; default: "
                         "none)")
+    p.add_argument("--solver-file", dest="solver_files", action="append", default=None,
+                   metavar="PATH",
+                   help="a tuned solver saved by pf.save_solver (pf.tune_solver), swept at its "
+                        "own step count (repeatable; default: none)")
     p.add_argument("--eps", type=positive_float, default=1e-3,
                    help="the time sampling stops at, 0 < eps < T")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds the latents and noise")
@@ -143,8 +148,9 @@ def settings_from(args) -> CurveSettings:
     base = FULL if args.full else DEFAULT
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurveSettings)
              if getattr(args, f.name, None) is not None}
-    if "schedule_files" in given:
-        given["schedule_files"] = tuple(given["schedule_files"])
+    for name in ("schedule_files", "solver_files"):
+        if name in given:
+            given[name] = tuple(given[name])
     return dataclasses.replace(base, **given)
 
 
@@ -170,6 +176,28 @@ def scheduled_sweeps(sweeps, files, *, eps: float):
                            "fixed-step solver sweeps (add it to --ode-steps)")
         out += [pf.ODESweep(label=f"{s.label}+{Path(path).stem}", solver=s.solver,
                             steps=(sched.steps,), schedule=sched) for s in matched]
+    return out
+
+
+def tuned_solver_sweeps(files, model, sde, *, eps: float):
+    """One sweep per tuned-solver file, at its own step count (labelled with the file's name);
+    a file tuned for another model, SDE or eps is a one-line error."""
+    from pathlib import Path
+
+    import probflow as pf
+
+    out = []
+    for path in files:
+        try:
+            solver = pf.load_solver(path, model=model, sde=sde)
+        except pf.TunedScheduleError as e:
+            raise CLIError(f"--solver-file: {e}") from None
+        sched = solver.schedule
+        assert isinstance(sched, pf.TunedSchedule)  # load_solver's are
+        if abs(sched.ts[-1] - eps) > 1e-6 * eps:
+            raise CLIError(f"--solver-file: {path} was tuned for eps={sched.ts[-1]:g}; pass "
+                           f"--eps {sched.ts[-1]:g}")
+        out.append(pf.ODESweep(label=Path(path).stem, solver=solver, steps=(solver.steps,)))
     return out
 
 
@@ -213,6 +241,7 @@ def run_nfe_curve(loaded, ds, settings: CurveSettings, *, eps: float, seed: int,
     ode = build_sweeps(settings.solvers, settings.tolerances, settings.ode_steps)
     fixed = [s for s in ode if s.steps]
     ode += scheduled_sweeps(fixed, settings.schedule_files, eps=eps)
+    ode += tuned_solver_sweeps(settings.solver_files, loaded.model, loaded.sde, eps=eps)
     if settings.tune and not fixed:
         raise CLIError("--tune: no fixed-step solver to tune a schedule for (--solvers)")
     lik = build_sweeps(settings.likelihood_solvers, settings.tolerances, settings.ode_steps,
