@@ -21,6 +21,7 @@ The tuned times are a `TunedSchedule` (a plain `AbstractStepSchedule`: any solve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ from ._flow import ProbabilityFlowODE, decode
 from ._options import ODEOptions
 from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
-from ._tuned_solver import TunedSolver, coefficients_list
+from ._tuned_solver import TunedSolver
 from ._validate import check_eps, check_positive_float, check_positive_int, check_sde, check_shape
 from .models._base import AbstractScoreModel
 
@@ -230,28 +231,6 @@ def _loss_and_grad(objective, params, z, ref):
     return jax.value_and_grad(objective)(params, z, ref)
 
 
-def _adam(objective, params, z, ref, iterations: int, learning_rate: float, progress) -> Any:
-    """The best parameters seen on the calibration batch in `iterations` Adam steps from
-    `params` (so never worse there than the start)."""
-    optimiser = optax.adam(learning_rate)
-    state = optimiser.init(params)
-    best_params, best = params, math.inf
-    for i in range(iterations + 1):
-        loss, grad = _loss_and_grad(objective, params, z, ref)
-        loss = float(loss)
-        if math.isfinite(loss) and loss < best:
-            best_params, best = params, loss
-        if progress is not None:
-            progress(i, math.sqrt(loss))
-        if i == iterations:
-            break
-        updates, state = optimiser.update(grad, state)
-        params = optax.apply_updates(params, updates)
-    if not math.isfinite(best):
-        raise ValueError("tune_schedule: the solve is not finite on the calibration batch")
-    return best_params
-
-
 class _LBFGSStep(eqx.Module):
     """One L-BFGS step (optax, zoom line search) on the objective at fixed data."""
 
@@ -271,18 +250,42 @@ def _lbfgs_step(step, params, state, z, ref):
     return step(params, state, z, ref)
 
 
-def _lbfgs(objective, params, z, ref, iterations: int, progress) -> Any:
-    """The best parameters seen on the calibration batch in `iterations` L-BFGS steps from
-    `params`. For `tune_solver`'s few dozen parameters and smooth loss it reaches in 40 steps
-    what Adam reached in 100 (docs/samplers.md), at one or two solves a step."""
+def _adam(objective, learning_rate: float):
+    """`tune_schedule`'s optimiser for `_minimise`: its initial state and its step, which returns
+    the parameters after one Adam step and the loss at the parameters it was given."""
+    optimiser = optax.adam(learning_rate)
+
+    def step(params, state, z, ref):
+        loss, grad = _loss_and_grad(objective, params, z, ref)
+        updates, state = optimiser.update(grad, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    return optimiser.init, step
+
+
+def _lbfgs(objective):
+    """`tune_solver`'s optimiser for `_minimise`, L-BFGS: for a few dozen smooth parameters it
+    reaches in 40 steps what Adam reached in 100 (docs/samplers.md), at one or two solves a
+    step."""
     optimiser = optax.lbfgs()
-    # Strong types, so that the state after a step has the types of the first one (one compile).
-    state = jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=a.dtype),
-                                   optimiser.init(params))
-    step = _LBFGSStep(objective, optimiser)
+
+    def init(params):
+        # Strong types, so that the state after a step has the types of the first one (one
+        # compile).
+        return jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=a.dtype),
+                                      optimiser.init(params))
+
+    return init, functools.partial(_lbfgs_step, _LBFGSStep(objective, optimiser))
+
+
+def _minimise(optimiser, params, z, ref, iterations: int, progress, who: str) -> Any:
+    """The best parameters seen on the calibration batch in `iterations` steps of `optimiser`
+    (an (init, step) pair) from `params`, so never worse there than the start."""
+    init, step = optimiser
+    state = init(params)
     best_params, best = params, math.inf
     for i in range(iterations + 1):
-        new_params, new_state, loss = _lbfgs_step(step, params, state, z, ref)
+        new_params, new_state, loss = step(params, state, z, ref)
         loss = float(loss)  # the loss at `params`
         if math.isfinite(loss) and loss < best:
             best_params, best = params, loss
@@ -292,7 +295,7 @@ def _lbfgs(objective, params, z, ref, iterations: int, progress) -> Any:
             break
         params, state = new_params, new_state
     if not math.isfinite(best):
-        raise ValueError("tune_solver: the solve is not finite on the calibration batch")
+        raise ValueError(f"{who}: the solve is not finite on the calibration batch")
     return best_params
 
 
@@ -325,8 +328,7 @@ def _setup(model, sde, opts: ODEOptions, steps, *, key, shape, num_latents, eps,
     return _Setup(clock, ts0, z, ref, term, param)
 
 
-def _check_tuning(model, sde, steps, shape, num_latents, iterations, learning_rate, eps,
-                  reference_tol):
+def _check_tuning(model, sde, steps, shape, num_latents, eps, reference_tol):
     """The arguments both tuners share, checked (one-line ValueErrors naming the argument)."""
     sde = check_sde(sde)
     eps = check_eps(eps, sde)
@@ -342,10 +344,8 @@ def _check_tuning(model, sde, steps, shape, num_latents, iterations, learning_ra
         raise ValueError(f"steps must be at least 2 (a 1-step schedule has no times to tune), "
                          f"got {steps}")
     num_latents = _positive_int(num_latents, "num_latents")
-    iterations = _positive_int(iterations, "iterations")
-    learning_rate = check_positive_float(learning_rate, "learning_rate")
     reference_tol = check_positive_float(reference_tol, "reference_tol")
-    return sde, eps, shape, steps, num_latents, iterations, learning_rate, reference_tol
+    return sde, eps, shape, steps, num_latents, reference_tol
 
 
 def _tuned_times(setup: _Setup, w, model, sde, solver_repr: str) -> TunedSchedule:
@@ -408,9 +408,10 @@ def tune_schedule(
 
     **Returns:** a `TunedSchedule`; pass it as `schedule=` with `steps=N` to any solve.
     """
-    sde, eps, shape, steps, num_latents, iterations, learning_rate, reference_tol = (
-        _check_tuning(model, sde, steps, shape, num_latents, iterations, learning_rate, eps,
-                      reference_tol))
+    sde, eps, shape, steps, num_latents, reference_tol = _check_tuning(
+        model, sde, steps, shape, num_latents, eps, reference_tol)
+    iterations = _positive_int(iterations, "iterations")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(f"solver must be a diffrax solver, got {type(solver).__name__}")
     # The same edge as a solve: checks the solver, steps and clock; gives the default schedule.
@@ -421,8 +422,8 @@ def tune_schedule(
     if opts.traits.needs_binding:
         bound = bound.bind(sde, setup.clock, steps)  # pyright: ignore[reportAttributeAccessIssue]
     objective = _Objective(setup.term, bound, setup.clock, sde, setup.param, False)
-    w, _ = _adam(objective, (setup.param.inverse(setup.ts0), None), setup.z, setup.ref,
-                 iterations, learning_rate, progress)
+    w, _ = _minimise(_adam(objective, learning_rate), (setup.param.inverse(setup.ts0), None),
+                     setup.z, setup.ref, iterations, progress, "tune_schedule")
     return _tuned_times(setup, w, model, sde, describe_solver(solver))
 
 
@@ -475,11 +476,10 @@ def tune_solver(
     **Returns:** a `TunedSolver`; pass it as `solver=` with `steps=N` to `decode` or
     `sample_ode`.
     """
-    if iterations is None:
-        iterations = max(20, 350 // steps) if isinstance(steps, int) and steps > 0 else 20
-    sde, eps, shape, steps, num_latents, iterations, _, reference_tol = (
-        _check_tuning(model, sde, steps, shape, num_latents, iterations, 1.0, eps,
-                      reference_tol))
+    sde, eps, shape, steps, num_latents, reference_tol = _check_tuning(
+        model, sde, steps, shape, num_latents, eps, reference_tol)
+    iterations = (max(20, 350 // steps) if iterations is None
+                  else _positive_int(iterations, "iterations"))
     history = _positive_int(history, "history")
     start = TunedSolver(jnp.zeros((steps, history + 1), jnp.result_type(float)))
     opts = ODEOptions(solver=start, steps=steps, time=time, schedule=init)
@@ -487,8 +487,9 @@ def tune_solver(
                    eps=eps, reference_solver=reference_solver, reference_tol=reference_tol)
     bound = start.bind(sde, setup.clock, steps)
     objective = _Objective(setup.term, bound, setup.clock, sde, setup.param, True)
-    w, coefficients = _lbfgs(objective, (setup.param.inverse(setup.ts0), start.coefficients),
-                             setup.z, setup.ref, iterations, progress)
+    w, coefficients = _minimise(_lbfgs(objective),
+                                (setup.param.inverse(setup.ts0), start.coefficients),
+                                setup.z, setup.ref, iterations, progress, "tune_solver")
     schedule = _tuned_times(setup, w, model, sde, describe_solver(start))
     return TunedSolver(coefficients, schedule)
 
@@ -544,7 +545,7 @@ def save_solver(path: str | os.PathLike, solver: TunedSolver,
         raise ValueError("solver must be a TunedSolver made by tune_solver or load_solver, "
                          f"got {type(solver).__name__}")
     body = _schedule_body(SOLVER_FORMAT, solver.schedule, info)
-    body["coefficients"] = coefficients_list(solver)
+    body["coefficients"] = np.asarray(solver.coefficients, np.float64).tolist()
     _write(path, body)
 
 

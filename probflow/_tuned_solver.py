@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import diffrax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array
 
 from ._dpm import AbstractExponentialIntegrator
-from ._multistep import plain_state, step_schedule
+from ._multistep import plain_state, push, step_schedule
 from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule, as_clock
 
@@ -128,11 +127,6 @@ class TunedSolver(AbstractExponentialIntegrator):
         for j in range(1, self.history + 1):
             d = d + jnp.where(n >= j, row[j], 0.0) * (m0 - m_prev[j - 1])
         x1 = ((s1 / s0) * x - a1 * jnp.expm1(-h) * d).astype(x.dtype)  # eq. (1)
-        hist = jnp.concatenate([m0[None], m_prev[:-1]])
-        lams = jnp.concatenate([jnp.asarray(lam0, x.dtype)[None], lam_prev[:-1]])
-        return x1, None, dict(y0=y0, y1=x1), (hist, lams, n + 1), diffrax.RESULTS.successful
+        state = (push(m_prev, m0), push(lam_prev, jnp.asarray(lam0)), n + 1)
+        return x1, None, dict(y0=y0, y1=x1), state, diffrax.RESULTS.successful
 
-
-def coefficients_list(solver: TunedSolver) -> list[list[float]]:
-    """The coefficients as nested Python floats (for its file)."""
-    return np.asarray(solver.coefficients, np.float64).tolist()

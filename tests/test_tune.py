@@ -18,12 +18,9 @@ N = 4
 
 
 @pytest.fixture(scope="module")
-def mixture():
+def mixture(mixture2d):
     sde = pf.VPSDE()
-    gm = pf.GaussianMixture(
-        [0.3, 0.7], [[-1.0, 0.5], [1.5, -0.5]], [np.eye(2) * 0.3, [[0.5, 0.2], [0.2, 0.4]]]
-    )
-    return gm.score_model(sde), sde
+    return mixture2d.score_model(sde), sde
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,9 @@ TIMES = (1.0, 0.45, 0.15, 0.03, 1e-3)
 
 
 @pytest.fixture(scope="module")
-def mixture():
+def mixture(mixture2d):
     sde = pf.VPSDE()
-    gm = pf.GaussianMixture(
-        [0.3, 0.7], [[-1.0, 0.5], [1.5, -0.5]], [np.eye(2) * 0.3, [[0.5, 0.2], [0.2, 0.4]]]
-    )
-    return gm.score_model(sde), sde
+    return mixture2d.score_model(sde), sde
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,14 @@ def settings_from(args) -> CurveSettings:
     return dataclasses.replace(base, **given)
 
 
+def _check_tuned_eps(flag: str, path, sched, eps: float) -> None:
+    """A one-line error if the tuned schedule `sched` (of the file at `path`) ends at another
+    eps than the curve's."""
+    if abs(sched.ts[-1] - eps) > 1e-6 * eps:
+        raise CLIError(f"{flag}: {path} was tuned for eps={sched.ts[-1]:g}; pass "
+                       f"--eps {sched.ts[-1]:g}")
+
+
 def scheduled_sweeps(sweeps, files, *, eps: float):
     """For each tuned-schedule file, a copy of every fixed-step sweep that has its step count,
     run on that schedule only (labelled with the file's name)."""
@@ -167,9 +175,7 @@ def scheduled_sweeps(sweeps, files, *, eps: float):
             sched = pf.load_schedule(path)
         except pf.TunedScheduleError as e:
             raise CLIError(f"--schedule-file: {e}") from None
-        if abs(sched.ts[-1] - eps) > 1e-6 * eps:
-            raise CLIError(f"--schedule-file: {path} was tuned for eps={sched.ts[-1]:g}; pass "
-                           f"--eps {sched.ts[-1]:g}")
+        _check_tuned_eps("--schedule-file", path, sched, eps)
         matched = [s for s in sweeps if sched.steps in s.steps]
         if not matched:
             raise CLIError(f"--schedule-file: {path} has {sched.steps} steps, which no "
@@ -192,11 +198,8 @@ def tuned_solver_sweeps(files, model, sde, *, eps: float):
             solver = pf.load_solver(path, model=model, sde=sde)
         except pf.TunedScheduleError as e:
             raise CLIError(f"--solver-file: {e}") from None
-        sched = solver.schedule
-        assert isinstance(sched, pf.TunedSchedule)  # load_solver's are
-        if abs(sched.ts[-1] - eps) > 1e-6 * eps:
-            raise CLIError(f"--solver-file: {path} was tuned for eps={sched.ts[-1]:g}; pass "
-                           f"--eps {sched.ts[-1]:g}")
+        assert isinstance(solver.schedule, pf.TunedSchedule)  # load_solver's are
+        _check_tuned_eps("--solver-file", path, solver.schedule, eps)
         out.append(pf.ODESweep(label=Path(path).stem, solver=solver, steps=(solver.steps,)))
     return out
 
