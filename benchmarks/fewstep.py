@@ -3,6 +3,7 @@
     python benchmarks/fewstep.py [--nfe 4,5,6,8,10,15,20] [--tune-nfe 5,10]
                                  [--tune-solver-nfe 5,10] [--json PATH]
                                  [--plot docs/img/fewstep.png]
+    python benchmarks/fewstep.py --from-json a.json,b.json [--plot PATH]   # merge, table, plot
 
 Solver error: RMS over the 64 held-out prior latents and all pixels of the decode's difference,
 in model space, from a Tsit5 solve at rtol = atol = 1e-7 from the same latents. Frechet distance:
@@ -62,7 +63,20 @@ def main():
     p.add_argument("--num-latents", type=int, default=64)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--from-json", default=None,
+                   help="comma-separated --json files of earlier runs: print their rows as one "
+                        "markdown table (and --plot them) instead of measuring")
     a = p.parse_args()
+    if a.from_json:
+        rows = []
+        for path in a.from_json.split(","):
+            with open(path) as f:
+                got = json.load(f)
+            rows += got if not rows else [r for r in got if r["schedule"] != "adaptive"]
+        print(markdown(rows))
+        if a.plot:
+            plot(rows, a.plot)
+        return
 
     model, sde = pf.load_pretrained("digits-vp")
     shape = model.shape
@@ -135,6 +149,28 @@ def main():
             json.dump(rows, f, indent=1)
     if a.plot:
         plot(rows, a.plot)
+
+
+def markdown(rows):
+    """One row per solver and schedule, the RMS error and Frechet distance at each NFE."""
+    base = {r["nfe"]: r["error"] for r in rows if (r["solver"], r["schedule"]) == BASELINE}
+    nfes = sorted({r["nfe"] for r in rows[1:]})
+    lines = ["| solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    groups = {}
+    for r in rows[1:]:
+        groups.setdefault((r["solver"], r["schedule"]), {})[r["nfe"]] = r
+    for (solver, sched), by_nfe in groups.items():
+        cells = []
+        for n in nfes:
+            r = by_nfe.get(n)
+            if r is None:
+                cells.append("-")
+                continue
+            ratio = f" ({r['error'] / base[n]:.2f}x)" if n in base else ""
+            cells.append(f"{r['error']:.4f}{ratio} / {r['frechet']:.1f}")
+        lines.append(f"| {solver} | {sched} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows, path):

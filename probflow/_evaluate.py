@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._distributed import distributed_bits_per_dim
 from ._likelihood import bits_per_dim
 from ._options import ODEOptions, as_scheduler, ode_options
 from ._results import BitsPerDimResult, BitsPerDimSummary, summarize_bits_per_dim
@@ -150,7 +151,10 @@ def evaluate_bits_per_dim(
     `repeats` fresh dequantizations (each with fresh probes), and what its error bar contains.
 
     Every repeat runs `bits_per_dim` over all images (in batches of `batch_size`, default all at
-    once: its slot scheduler keeps the cost at the mean NFE); `options` go to `bits_per_dim`
+    once: its slot scheduler keeps the cost at the mean NFE). In a multi-process run
+    (`jax.distributed`) each process solves a contiguous share of the batches and every process
+    returns all results (`distributed_bits_per_dim`, one repeat): this is the evaluator `probflow
+    bpd` runs, on one process or several. `options` go to `bits_per_dim`
     (`num_bins`, `data_range`, `trace`, solver options). The standard error of
     `summary.mean` holds the spread between images and both noises; with more repeats and probes
     only the noises' share falls (as 1/sqrt(repeats) and 1/sqrt(repeats * num_probes)).
@@ -183,18 +187,13 @@ def evaluate_bits_per_dim(
         raise ValueError(f"x_int must have a leading batch axis, got shape {x_int.shape}")
     n = int(x_int.shape[0])
     batch_size = n if batch_size is None else check_positive_int(batch_size, "batch_size")
-    results = []
-    for r in range(repeats):
-        key_r = jax.random.fold_in(key, r)
-        batches = [
-            bits_per_dim(model, sde, x_int[i : i + batch_size], key=jax.random.fold_in(key_r, i),
-                         num_probes=num_probes, **options)
-            for i in range(0, n, batch_size)
-        ]
-        if len(batches) == 1:
-            results.append(batches[0])
-        else:
-            results.append(jax.tree_util.tree_map(lambda *a: np.concatenate(a), *batches))
+    # Repeat r over all images: batch i (from image i) uses fold_in(fold_in(key, r), i), its
+    # batches split across the processes of a multi-process run (one process: the plain loop).
+    results = [
+        distributed_bits_per_dim(model, sde, x_int, key=jax.random.fold_in(key, r),
+                                 batch_size=batch_size, num_probes=num_probes, **options)
+        for r in range(repeats)
+    ]
     solver = None
     if num_check is not None:
         solver = estimate_solver_bias(model, sde, x_int, key=jax.random.fold_in(key, repeats),

@@ -39,7 +39,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from ._checkpoint import write_atomically
 from ._flow import ProbabilityFlowODE, decode
-from ._options import ODEOptions
+from ._options import MAX_STEPS, ODEOptions
 from ._sde import AbstractSDE
 from ._time import AbstractClock, AbstractStepSchedule
 from ._tuned_solver import TunedSolver
@@ -49,6 +49,9 @@ from .models._base import AbstractScoreModel
 FORMAT = "probflow-tuned-schedule"
 SOLVER_FORMAT = "probflow-tuned-solver"
 FORMAT_VERSION = 1
+# Below this many steps `tune_solver` tunes scale corrections and matches only the end; from it
+# on, no scale corrections and the path between steps as well (docs/samplers.md).
+_FEW_STEPS = 8
 
 
 class TunedScheduleError(ValueError):
@@ -188,11 +191,11 @@ def _fixed_step_solve(term, solver, cs, y0):
             solver_state=state, saveat=diffrax.SaveAt(t1=True, solver_state=True),
         )
         assert sol.ys is not None
-        return (sol.ys[-1], sol.solver_state), None
+        return (sol.ys[-1], sol.solver_state), sol.ys[-1]
 
     pairs = jnp.stack([cs[:-1], cs[1:]], axis=1)
-    (y, _), _ = jax.lax.scan(body, (y0, init.solver_state), pairs)
-    return y
+    (y, _), ys = jax.lax.scan(body, (y0, init.solver_state), pairs)
+    return y, ys
 
 
 class _Objective(eqx.Module):
@@ -211,18 +214,26 @@ class _Objective(eqx.Module):
     sde: AbstractSDE
     param: _Parametrisation
     squared_error: bool = eqx.field(static=True)
+    mask: Array | None = None
+    path: diffrax.Solution | None = None
+    path_weight: float = eqx.field(static=True, default=0.0)
 
     def __call__(self, params, z, ref):
         w, coefficients = params
         solver = self.solver
         if coefficients is not None:
-            solver = eqx.tree_at(lambda s: s.coefficients, solver, coefficients)
+            assert self.mask is not None
+            solver = eqx.tree_at(lambda s: s.coefficients, solver, coefficients * self.mask)
         ts = self.param(w)
         cs = self.clock.to_clock(self.sde, ts)
-        x = _fixed_step_solve(self.term, solver, cs, z)
+        x, xs = _fixed_step_solve(self.term, solver, cs, z)
         d = jnp.reshape(x - ref, (x.shape[0], -1))
         if self.squared_error:
-            return jnp.mean(d**2)
+            if self.path is None:
+                return jnp.mean(d**2)
+            # The states between the steps against the reference path at the same times.
+            mid = jax.vmap(self.path.evaluate)(cs[1:-1])
+            return jnp.mean(d**2) + self.path_weight * jnp.mean((xs[:-1] - mid) ** 2)
         return jnp.mean(jnp.sqrt(jnp.mean(d**2, axis=1) + 1e-20)) ** 2
 
 
@@ -326,6 +337,19 @@ def _setup(model, sde, opts: ODEOptions, steps, *, key, shape, num_latents, eps,
     term = diffrax.ODETerm(clock.wrap(_BatchFlow(ProbabilityFlowODE(model, sde)), sde))
     param = _Parametrisation(math.sqrt(t_hi), math.sqrt(t_lo), t_hi, t_lo)
     return _Setup(clock, ts0, z, ref, term, param)
+
+
+def _reference_path(setup: _Setup, sde, reference_solver, reference_tol) -> diffrax.Solution:
+    """The reference decode of the calibration batch as a dense solution (one adaptive solve of
+    the whole batch in the plan's clock), to compare the tuned solve's states between steps
+    with: `tune_solver`'s `path_weight`."""
+    cs = setup.clock.to_clock(sde, setup.ts0)
+    solver = diffrax.Tsit5() if reference_solver is None else reference_solver
+    return diffrax.diffeqsolve(
+        setup.term, solver, t0=cs[0], t1=cs[-1], dt0=None, y0=setup.z, max_steps=MAX_STEPS,
+        stepsize_controller=diffrax.PIDController(rtol=reference_tol, atol=reference_tol),
+        saveat=diffrax.SaveAt(dense=True),
+    )
 
 
 def _check_tuning(model, sde, steps, shape, num_latents, eps, reference_tol):
@@ -435,6 +459,8 @@ def tune_solver(
     key: PRNGKeyArray,
     shape: tuple[int, ...] | None = None,
     history: int = 2,
+    scale_corrections: bool | None = None,
+    path_weight: float | None = None,
     num_latents: int = 64,
     iterations: int | None = None,
     eps: float = 1e-3,
@@ -449,9 +475,16 @@ def tune_solver(
 
     Times and coefficients together minimise the mean squared error, in model space, of the
     solver's fixed-step decode of a calibration batch of prior latents against a tight reference
-    solve from the same latents: `iterations` L-BFGS steps (gradients by backpropagation through
-    the solve), from DPM-Solver++(2M) on `init` (coefficients zero). The best seen on the
-    calibration batch is returned. Evaluate it on other latents (docs/samplers.md).
+    solve from the same latents, plus `path_weight` times the mean squared error of the states
+    between the steps against the reference path at the same times: `iterations` L-BFGS steps
+    (gradients by backpropagation through the solve), from DPM-Solver++(2M) on `init`
+    (coefficients zero). The best seen on the calibration batch is returned. Evaluate it on other
+    latents (docs/samplers.md).
+
+    The defaults depend on `steps`, as measured on the shipped models (docs/samplers.md): below 8
+    steps the scale corrections g are tuned and only the end is matched; from 8 steps on, g stays
+    zero (the solver then reproduces a constant data prediction exactly) and the path is matched
+    with weight 1, which kept the tuned solver from pushing a few held-out latents far off.
 
     **Arguments:**
 
@@ -461,6 +494,10 @@ def tune_solver(
     - `key`: draws the calibration latents, as `tune_schedule`.
     - `shape`: one example's shape (default `model.shape` for probflow's score models).
     - `history`: H >= 1, the earlier evaluations each step may combine.
+    - `scale_corrections`: whether the scale corrections g_i are tuned (False: they stay zero).
+      None: True below 8 steps.
+    - `path_weight`: the weight of the states between the steps in the loss (0: the end only).
+      None: 0 below 8 steps, else 1.
     - `num_latents`: the calibration batch size.
     - `iterations`: the number of L-BFGS steps (None: 350 // steps, at least 20, so that the
       tuning costs about the same at every N: under 2 minutes here for the shipped models at
@@ -470,8 +507,9 @@ def tune_solver(
     - `init`: the starting schedule (None: DPM-Solver++(2M)'s default, uniform in sqrt(t)).
     - `reference_solver`: the adaptive solver of the reference (default `diffrax.Tsit5()`).
     - `reference_tol`: its rtol = atol.
-    - `progress`: called as `progress(i, rms_error)` after each evaluation of the objective on
-      the calibration batch (i = 0 is the untuned start).
+    - `progress`: called as `progress(i, root_loss)` after each evaluation of the objective on
+      the calibration batch, with the loss's square root (the RMS error of the end when
+      `path_weight` is 0; i = 0 is the untuned start).
 
     **Returns:** a `TunedSolver`; pass it as `solver=` with `steps=N` to `decode` or
     `sample_ode`.
@@ -486,12 +524,28 @@ def tune_solver(
     setup = _setup(model, sde, opts, steps, key=key, shape=shape, num_latents=num_latents,
                    eps=eps, reference_solver=reference_solver, reference_tol=reference_tol)
     bound = start.bind(sde, setup.clock, steps)
-    objective = _Objective(setup.term, bound, setup.clock, sde, setup.param, True)
+    few = steps < _FEW_STEPS
+    if scale_corrections is None:
+        scale_corrections = few
+    elif not isinstance(scale_corrections, bool):
+        raise ValueError(f"scale_corrections must be True, False or None, got "
+                         f"{scale_corrections!r}")
+    if path_weight is None:
+        path_weight = 0.0 if few else 1.0
+    elif not (isinstance(path_weight, (int, float)) and not isinstance(path_weight, bool)
+              and math.isfinite(path_weight) and path_weight >= 0.0):
+        raise ValueError(f"path_weight must be a finite float >= 0, got {path_weight!r}")
+    dtype = start.coefficients.dtype
+    mask = jnp.ones((steps, history + 1), dtype).at[:, 0].set(float(scale_corrections))
+    path = (_reference_path(setup, sde, reference_solver, reference_tol)
+            if path_weight > 0.0 else None)
+    objective = _Objective(setup.term, bound, setup.clock, sde, setup.param, True, mask, path,
+                           float(path_weight))
     w, coefficients = _minimise(_lbfgs(objective),
                                 (setup.param.inverse(setup.ts0), start.coefficients),
                                 setup.z, setup.ref, iterations, progress, "tune_solver")
     schedule = _tuned_times(setup, w, model, sde, describe_solver(start))
-    return TunedSolver(coefficients, schedule)
+    return TunedSolver(coefficients * mask, schedule)
 
 
 # --------------------------------------------------------------------------- the file

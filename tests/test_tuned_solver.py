@@ -30,8 +30,10 @@ def mixture(mixture2d):
 def tuned(mixture):
     model, sde = mixture
     rms = []
+    # Scale corrections (N < 8) and the path matched too: both parts of the loss, one compiled
+    # tuner for the default tests.
     solver = pf.tune_solver(model, sde, N, key=jax.random.key(0), shape=(2,), num_latents=32,
-                            iterations=15, progress=lambda i, r: rms.append(r))
+                            iterations=15, path_weight=1.0, progress=lambda i, r: rms.append(r))
     return solver, rms
 
 
@@ -44,7 +46,7 @@ def _vp_marginal(t, b0=0.1, b1=20.0):
     return a, np.sqrt(1.0 - a**2)
 
 
-def _numpy_tuned(model, z, ts, coef):
+def _numpy_tuned(model, z, ts, coef, states=None):
     """Eqs. (1)-(2) of probflow/_tuned_solver.py in float64, written from the formula: data
     predictions m = (x + sigma^2 score) / alpha from the exact score, lambda = log(alpha/sigma),
     DPM-Solver++(2M)'s b_i1 = 1 / (2 r_i) except on the first and (N < 15) last step."""
@@ -67,6 +69,8 @@ def _numpy_tuned(model, z, ts, coef):
             if i >= j:
                 d = d + coef[i, j] * (m - ms[-j])
         x = (s1 / s0) * x - a1 * np.expm1(-h) * d
+        if states is not None:
+            states.append(x)
         ms.append(m)
         lams.append(lam0)
     return x
@@ -131,16 +135,29 @@ def test_tuned_solver_beats_2m_on_held_out_latents(mixture, tuned):
     assert solver.coefficients.shape == (N, 3)
 
 
-def test_tuner_starts_from_2m(mixture, tuned):
-    """The first error the tuner reports is DPM-Solver++(2M)'s on the calibration latents
-    (split(key, num_latents) prior draws) against Tsit5 at 1e-5."""
+def test_tuner_starts_from_2m_end_and_path(mixture, tuned):
+    """The first loss the tuner reports is DPM-Solver++(2M)'s on the calibration latents
+    (split(key, num_latents) prior draws): the end's mean squared error plus path_weight (1) times
+    the states' between the steps, computed here from the formula (float64) against a tight solve
+    to the same times."""
     model, sde = mixture
     _, rms = tuned
-    keys = jax.random.split(jax.random.key(0), 32)
-    z = jax.vmap(lambda k: sde.prior_sample(k, (2,), jnp.float32))(keys)
-    ref = pf.decode(model, sde, z, solver=diffrax.Tsit5(), rtol=1e-5, atol=1e-5).x
-    x = pf.decode(model, sde, z, solver=pf.DPMSolverMultistep(order=2), steps=N).x
-    assert rms[0] == pytest.approx(_rms(x, ref), rel=1e-4)
+    z = jax.vmap(lambda k: sde.prior_sample(k, (2,), jnp.float32))(
+        jax.random.split(jax.random.key(0), 32))
+    ts = np.asarray(pf.DPMSolverMultistep(order=2).schedule.times(sde, 1.0, 1e-3, N,
+                                                                  jnp.float32), np.float64)
+    states = []
+    _numpy_tuned(model, z, ts, np.zeros((N, 3)), states)
+    flow = lambda t, y, args: jax.vmap(lambda yi: pf.ProbabilityFlowODE(model, sde)(t, yi, args))(y)
+    refs = diffrax.diffeqsolve(
+        diffrax.ODETerm(flow), diffrax.Dopri8(), t0=1.0, t1=1e-3, dt0=None, y0=z,
+        stepsize_controller=diffrax.PIDController(rtol=1e-9, atol=1e-9),
+        saveat=diffrax.SaveAt(ts=jnp.asarray(ts[1:], jnp.float32))).ys
+    refs = np.asarray(refs)
+    end = np.mean((states[-1] - refs[-1]) ** 2)
+    path = np.mean([(a - b) ** 2 for a, b in zip(states[:-1], refs[:-1])])
+    assert rms[0] == pytest.approx(np.sqrt(end + path), rel=2e-3)
+    assert rms[0] > 1.05 * np.sqrt(end)  # the path's part is there
 
 
 def test_encode_runs_2m_on_the_times_reversed(mixture, tuned):
@@ -204,8 +221,38 @@ def test_bad_input_one_line(mixture, tuned):
         pf.tune_solver(model, sde, N, key=jax.random.key(0), shape=(2,), history=0)
     with pytest.raises(ValueError, match="steps must be at least 2"):
         pf.tune_solver(model, sde, 1, key=jax.random.key(0), shape=(2,))
+    with pytest.raises(ValueError, match="^scale_corrections must be True, False or None"):
+        pf.tune_solver(model, sde, N, key=jax.random.key(0), shape=(2,), scale_corrections=1)
+    with pytest.raises(ValueError, match="^path_weight must be a finite float >= 0"):
+        pf.tune_solver(model, sde, N, key=jax.random.key(0), shape=(2,), path_weight=-1.0)
     with pytest.raises(ValueError, match="solver must be a TunedSolver"):
         pf.save_solver("x.json", pf.DPMSolverMultistep())
+
+
+def test_without_scale_corrections_g_stays_zero(mixture, tuned):
+    """scale_corrections=False (the default from 8 steps on) keeps g exactly zero; the rest is
+    tuned (the same compiled tuner as the fixture's)."""
+    model, sde = mixture
+    solver = pf.tune_solver(model, sde, N, key=jax.random.key(0), shape=(2,), num_latents=32,
+                            iterations=3, path_weight=1.0, scale_corrections=False)
+    assert np.all(np.asarray(solver.coefficients[:, 0]) == 0.0)
+    assert np.any(np.asarray(solver.coefficients[:, 1:]) != 0.0)
+    assert np.any(np.asarray(tuned[0].coefficients[:, 0]) != 0.0)
+
+
+@pytest.mark.slow
+def test_defaults_from_8_steps_beat_2m_on_held_out_latents(mixture):
+    """From 8 steps on the defaults are no scale corrections and the path matched."""
+    model, sde = mixture
+    solver = pf.tune_solver(model, sde, 8, key=jax.random.key(1), shape=(2,), num_latents=16,
+                            iterations=10)
+    assert np.all(np.asarray(solver.coefficients[:, 0]) == 0.0)
+    held = jax.random.normal(jax.random.key(98), (256, 2))
+    ref = pf.decode(model, sde, held, solver=diffrax.Dopri8(), rtol=1e-8, atol=1e-8).x
+    default = _rms(pf.decode(model, sde, held, solver=pf.DPMSolverMultistep(order=2),
+                             steps=8).x, ref)
+    tuned_err = _rms(pf.decode(model, sde, held, solver=solver, steps=8).x, ref)
+    assert tuned_err < 0.8 * default, (tuned_err, default)
 
 
 @pytest.mark.slow

@@ -130,8 +130,6 @@ def _run_bpd(args) -> int:
     key = jax.random.key(args.seed)
     options: dict[str, Any] = dict(num_bins=ds.num_bins, data_range=loaded.data_range,
                                    eps=args.eps, trace=args.trace, options=plan)
-    if args.trace != "exact":
-        options["num_probes"] = args.probes
     if args.method == "elbo":
         if args.elbo_times % 2:
             raise CLIError(f"--elbo-times must be even, got {args.elbo_times}")
@@ -139,21 +137,16 @@ def _run_bpd(args) -> int:
     options["dequantization"] = args.dequantization
     options["importance_samples"] = args.importance_samples
     t0 = time.perf_counter()
-    repeats = []  # one result per repeat, over all images
-    for r in range(args.repeats):
-        # Batch i (from image i) uses fold_in(fold_in(key, r), i) for any process count.
-        repeats.append(pf.distributed_bits_per_dim(
-            loaded.model, loaded.sde, images, key=jax.random.fold_in(key, r),
-            batch_size=args.batch_size, **options))
+    # The library's data-set evaluator: repeat r's batch i (from image i) uses fold_in(fold_in(key,
+    # r), i) for any process count, the batches split across the processes; the solver check
+    # has its own key, fold_in(key, repeats).
+    ev = pf.evaluate_bits_per_dim(
+        loaded.model, loaded.sde, images, key=key, repeats=args.repeats,
+        num_probes=1 if args.trace == "exact" else args.probes, batch_size=args.batch_size,
+        check_solver=(args.check_solver or None) if args.method == "ode" else None, **options)
     elapsed = time.perf_counter() - t0
+    repeats, summary, check = ev.results, ev.summary, ev.solver
     nfe = np.concatenate([np.asarray(r.nfe) for r in repeats])
-    summary = pf.summarize_bits_per_dim(repeats)
-    check = None
-    if args.check_solver and args.method == "ode":
-        # Its own key (fold_in(key, repeats), unused by the repeats), as pf.evaluate_bits_per_dim.
-        check = pf.estimate_solver_bias(loaded.model, loaded.sde, images,
-                                        key=jax.random.fold_in(key, args.repeats),
-                                        num_images=args.check_solver, **options)
     result = {
         "checkpoint": str(args.checkpoint), "data": args.data, "split": args.split,
         "num_images": n, "repeats": args.repeats,
