@@ -519,11 +519,6 @@ def tune_solver(
     iterations = (max(20, 350 // steps) if iterations is None
                   else _positive_int(iterations, "iterations"))
     history = _positive_int(history, "history")
-    start = TunedSolver(jnp.zeros((steps, history + 1), jnp.result_type(float)))
-    opts = ODEOptions(solver=start, steps=steps, time=time, schedule=init)
-    setup = _setup(model, sde, opts, steps, key=key, shape=shape, num_latents=num_latents,
-                   eps=eps, reference_solver=reference_solver, reference_tol=reference_tol)
-    bound = start.bind(sde, setup.clock, steps)
     few = steps < _FEW_STEPS
     if scale_corrections is None:
         scale_corrections = few
@@ -535,6 +530,11 @@ def tune_solver(
     elif not (isinstance(path_weight, (int, float)) and not isinstance(path_weight, bool)
               and math.isfinite(path_weight) and path_weight >= 0.0):
         raise ValueError(f"path_weight must be a finite float >= 0, got {path_weight!r}")
+    start = TunedSolver(jnp.zeros((steps, history + 1), jnp.result_type(float)))
+    opts = ODEOptions(solver=start, steps=steps, time=time, schedule=init)
+    setup = _setup(model, sde, opts, steps, key=key, shape=shape, num_latents=num_latents,
+                   eps=eps, reference_solver=reference_solver, reference_tol=reference_tol)
+    bound = start.bind(sde, setup.clock, steps)
     dtype = start.coefficients.dtype
     mask = jnp.ones((steps, history + 1), dtype).at[:, 0].set(float(scale_corrections))
     path = (_reference_path(setup, sde, reference_solver, reference_tol)
