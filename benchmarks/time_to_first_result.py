@@ -10,9 +10,12 @@ side in one run:
 - the warm call in-process (the same work again in one process: nothing left to compile).
 
 For the library the two new-process columns time the first call only (after imports and loading
-the model), as a user's script would see it. Prints a markdown table with the ratios.
+the model), as a user's script would see it. The `-traced` rows are the same workloads with the
+traced solves not stored (`PROBFLOW_STORE_PROGRAMS=0`, `store_programs=False`): what the stored
+programs save, side by side. `bpd-no-check` is `probflow bpd` without its solver-bias check.
+Prints a markdown table with the ratios.
 
-    python benchmarks/time_to_first_result.py [--repeats 1] [--only bpd,lib]
+    python benchmarks/time_to_first_result.py [--only bpd,lib]
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ kind, cache, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 os.environ["PROBFLOW_CACHE_DIR"] = cache
 import jax
 import probflow as pf
-if kind == "lib":
-    pf.enable_compilation_cache(cache)
+if kind.startswith("lib"):
+    pf.enable_compilation_cache(cache, store_programs=kind == "lib")
     model, sde = pf.load_pretrained("digits-vp")
     x = pf.data.load("digits", "test").images[:64]
     def call():
@@ -54,18 +57,24 @@ print("PROBE " + json.dumps(times))
 
 def _workloads(tmp: str) -> dict[str, tuple[str, list[str]]]:
     ckpt = ["--checkpoint", "digits-vp"]
+    bpd = ["bpd", *ckpt, "--data", "digits", "--limit", "64"]
     return {
-        "bpd": ("cli", ["bpd", *ckpt, "--data", "digits", "--limit", "64"]),
+        "bpd": ("cli", bpd),
+        "bpd-no-check": ("cli", [*bpd, "--check-solver", "0"]),
+        "bpd-traced": ("cli-traced", bpd),
         "encode": ("cli", ["encode", *ckpt, "--data", "digits", "--limit", "64",
                            "--out", os.path.join(tmp, "z.npz")]),
         "sample": ("cli", ["sample", *ckpt, "--num", "64", "--out", os.path.join(tmp, "s.png")]),
         "lib": ("lib", []),
+        "lib-traced": ("lib-traced", []),
     }
 
 
 def _process(kind: str, argv: list[str], cache: str, calls: int) -> tuple[float, list[float]]:
     """(wall time of a new process, its calls' times)."""
-    env = dict(os.environ, PROBFLOW_CACHE_DIR=cache, PROBE_CALLS=str(calls))
+    env = dict(os.environ, PROBFLOW_CACHE_DIR=cache, PROBE_CALLS=str(calls),
+               PROBFLOW_STORE_PROGRAMS="0" if kind.endswith("-traced") else "1")
+    kind = "cli" if kind.startswith("cli") else kind
     if kind == "cli" and calls == 1:
         cmd = [sys.executable, "-m", "probflow", *argv]  # the command itself, end to end
     else:
@@ -81,8 +90,9 @@ def _process(kind: str, argv: list[str], cache: str, calls: int) -> tuple[float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="bpd,encode,sample,lib",
-                   help="comma-separated workloads (bpd, encode, sample, lib)")
+    p.add_argument("--only", default="bpd,bpd-no-check,bpd-traced,encode,sample,lib,lib-traced",
+                   help="comma-separated workloads (bpd, bpd-no-check, bpd-traced, encode, "
+                        "sample, lib, lib-traced)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +100,7 @@ def main() -> None:
             if name not in args.only.split(","):
                 continue
             cache = os.path.join(tmp, f"cache-{name}")
-            if kind == "cli":
+            if kind.startswith("cli"):
                 cold, _ = _process(kind, argv, cache, 1)
                 warm, _ = _process(kind, argv, cache, 1)
                 _, calls = _process(kind, argv, cache, 2)
@@ -104,8 +114,12 @@ def main() -> None:
     print("| workload | new process, empty cache (s) | new process, warm cache (s) | "
           "warm call in-process (s) | warm cache / empty | warm cache / in-process |")
     print("|---|---:|---:|---:|---:|---:|")
-    labels = {"bpd": "`probflow bpd --limit 64`", "encode": "`probflow encode` (64)",
-              "sample": "`probflow sample` (64)", "lib": "first `pf.bits_per_dim` (64)"}
+    labels = {"bpd": "`probflow bpd --limit 64`",
+              "bpd-no-check": "`probflow bpd --limit 64 --check-solver 0`",
+              "bpd-traced": "`probflow bpd --limit 64`, programs not stored",
+              "encode": "`probflow encode` (64)", "sample": "`probflow sample` (64)",
+              "lib": "first `pf.bits_per_dim` (64)",
+              "lib-traced": "first `pf.bits_per_dim` (64), programs not stored"}
     for name, cold, warm, inproc in rows:
         print(f"| {labels[name]} | {cold:.1f} | {warm:.1f} | {inproc:.1f} | {warm / cold:.2f} | "
               f"{warm / inproc:.1f} |")

@@ -4,13 +4,16 @@ A new process otherwise compiles every solve again: the first `bits_per_dim` of 
 most of its time compiling (docs/benchmarks.md, "Time to first result"). With the cache on, a
 program compiled once is loaded from disk by every later process. probflow's compiled solves
 hold no host callback (`_failures.py`), so JAX can store them; the command line turns the cache
-on by default.
+on by default. The same call opens the store of traced solves (`_program_store.py`), so that a
+later process need not trace them either.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from ._program_store import close_program_store, open_program_store
 
 #: The environment variable that moves the cache (read by `default_cache_dir`).
 CACHE_ENV = "PROBFLOW_CACHE_DIR"
@@ -25,7 +28,10 @@ def default_cache_dir() -> Path:
 
 
 def enable_compilation_cache(
-    path: str | os.PathLike | None = None, *, min_compile_time_secs: float = 0.0
+    path: str | os.PathLike | None = None,
+    *,
+    min_compile_time_secs: float = 0.0,
+    store_programs: bool = True,
 ) -> Path:
     """Turn on JAX's persistent compilation cache in `path`, so that later processes load
     compiled solves from disk instead of compiling them again. Returns the directory.
@@ -37,6 +43,11 @@ def enable_compilation_cache(
     - `min_compile_time_secs`: store only programs that took at least this long to compile
       (JAX's default is 1 s, which would leave out the small programs around a solve; 0 stores
       every program).
+    - `store_programs`: also keep the traced solves of `encode`, `decode`, `sample_ode`,
+      `log_likelihood` and `bits_per_dim` (`jax.export`, in `path/programs`), so that a later
+      process skips tracing them too. Only solves whose model, SDE and plan are probflow's,
+      equinox's, diffrax's or JAX's own classes are stored; a model class of your own is traced
+      in every process (its code may change under the same name). False: trace every solve.
 
     It applies to every later compilation in this process, also after earlier ones. Raises
     `ValueError` if the directory cannot be created.
@@ -44,6 +55,8 @@ def enable_compilation_cache(
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
+    if not isinstance(store_programs, bool):
+        raise ValueError(f"store_programs must be True or False, got {store_programs!r}")
     if isinstance(min_compile_time_secs, bool) or not isinstance(
         min_compile_time_secs, (int, float)
     ) or not min_compile_time_secs >= 0:
@@ -62,4 +75,11 @@ def enable_compilation_cache(
     # JAX decides once per process whether the cache is used (at its first compilation); let it
     # decide again now that the cache is on.
     compilation_cache.reset_cache()
+    if store_programs:
+        try:
+            open_program_store(directory / "programs")
+        except OSError:  # a directory that cannot hold it: solves are traced as usual
+            close_program_store()
+    else:
+        close_program_store()
     return directory

@@ -1,10 +1,11 @@
 """The probability-flow ODE (Song et al. 2021, eq. 13) solved with diffrax: the term, one
 solve of one example (`solve_flow`), and encode / decode / sample_ode.
 
-Every public function here validates its arguments in Python, then calls one `eqx.filter_jit`-ed
-function that vmaps a single-example `diffrax.diffeqsolve` over the batch. Each example is solved
-with its own adaptive step sizes, so a result never depends on what else is in the batch, and
-`nfe` is counted per example (see `_nfe.py`).
+Every public function here validates its arguments in Python, then calls one jitted function
+(`_program_store.stored_jit`: `eqx.filter_jit`, kept on disk when a store is open) that vmaps a
+single-example `diffrax.diffeqsolve` over the batch. Each example is solved with its own
+adaptive step sizes, so a result never depends on what else is in the batch, and `nfe` is
+counted per example (see `_nfe.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ._nfe import (
     select_initial_step,
 )
 from ._options import ODEOptions, Refill, ode_options
+from ._program_store import stored_jit
 from ._refill import refill_solve
 from ._results import (
     DecodeResult,
@@ -146,14 +148,14 @@ def _solve_batch(model, sde, y0, t0: float, t1: float, opts: ODEOptions):
     return jax.vmap(lambda y: solve_flow(vf, y, t0, t1, opts, sde=sde))(y0)
 
 
-@eqx.filter_jit
+@stored_jit
 def _encode(model, sde, x, eps, opts):
     check_model(model, x.shape[1:], x.dtype)
     z, nfe, num_steps, failure = _solve_batch(model, sde, x, eps, sde.T, opts)
     return z, nfe, num_steps, input_failure(x, eps) | failure
 
 
-@eqx.filter_jit
+@stored_jit
 def _decode(model, sde, z, eps, opts):
     check_model(model, z.shape[1:], z.dtype)
     x, nfe, num_steps, failure = _solve_batch(model, sde, z, sde.T, eps, opts)

@@ -1,9 +1,9 @@
 """Likelihoods by the probability-flow ODE augmented with the divergence (Song et al. 2021,
 appendix D): `log_likelihood` and `bits_per_dim` (dequantization and the bits/dim formula).
 
-Every public function validates in Python, then calls one `eqx.filter_jit`-ed function that
-vmaps a single-example solve (`_flow.solve_flow`) over the batch, or hands the batch to the
-refill scheduler (`_refill.py`).
+Every public function validates in Python, then calls one jitted function (`stored_jit`:
+`eqx.filter_jit`, kept on disk when a program store is open) that vmaps a single-example solve
+(`_flow.solve_flow`) over the batch, or hands the batch to the refill scheduler (`_refill.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._dequantization import (
@@ -36,6 +37,7 @@ from ._elbo import VariationalBound, as_bound, elbo
 from ._failures import input_failure, raise_if_failed
 from ._flow import _check_flow_inputs, solve_flow
 from ._options import ODEOptions, Refill, as_scheduler, ode_options
+from ._program_store import stored_jit
 from ._refill import refill_solve
 from ._results import BitsPerDimResult, LikelihoodResult
 from ._sde import AbstractSDE
@@ -81,7 +83,7 @@ class _LikelihoodIntegrand(eqx.Module):
         return self.sde.prior_logp(z) + delta
 
 
-@eqx.filter_jit
+@stored_jit
 def _log_likelihood(model, sde, x, keys, eps, opts, estimator, divergence_mode):
     """Every example's (logp per probe, z, nfe, num_steps), solved in lockstep (a vmapped
     `solve_flow`) or refilled (`refill_solve`) as the plan's scheduler says."""
@@ -336,8 +338,8 @@ def bits_per_dim(
     b = x_int.shape[0]
     # Levels outside [0, num_bins), per example, checked here in Python (no host callback in
     # the compiled dequantization).
-    levels = jnp.asarray(x_int).astype(jnp.int32)  # uint8 with num_bins=256 must not wrap
-    outside = int(jnp.sum(jnp.any(((levels < 0) | (levels >= num_bins)).reshape(b, -1), axis=1)))
+    levels = np.asarray(x_int).astype(np.int64)  # on the host: no program to compile for it
+    outside = int(np.sum(np.any(((levels < 0) | (levels >= num_bins)).reshape(b, -1), axis=1)))
     if outside:
         raise ValueError(
             f"x_int must hold integers in [0, num_bins={num_bins}): {outside} of {b} examples "
@@ -364,6 +366,20 @@ def bits_per_dim(
         num_steps = jnp.zeros_like(nfe)
     d = math.prod(x.shape[1:])
     log_width = d * math.log((hi - lo) / num_bins)
+    bpd, logp, nfe, num_steps, bpd_probes, log_weights = _bits_per_dim_of(
+        logp_probes, log_q, nfe, num_steps, k, d, log_width
+    )
+    return BitsPerDimResult(
+        bpd=bpd, logp=logp, z=z, nfe=nfe, num_steps=num_steps, bpd_probes=bpd_probes,
+        exact_trace=exact, log_weights=log_weights,
+    )
+
+
+@eqx.filter_jit
+def _bits_per_dim_of(logp_probes, log_q, nfe, num_steps, k: int, d: int, log_width: float):
+    """The bits/dim formula of `bits_per_dim` on the K draws of B images (rows k * B + b), as
+    one compiled program rather than a dozen small ones."""
+    b = log_q.shape[0] // k
     # log p(y) - log q(y | x) on model space, q = q_u / w^D; [B, K, P]
     log_weights = logp_probes - log_q[:, None] + log_width
     log_weights = jnp.swapaxes(log_weights.reshape(k, b, -1), 0, 1)
@@ -374,9 +390,7 @@ def bits_per_dim(
     else:
         bpd_probes = -log_weights[:, 0]
     bpd_probes = bpd_probes / (d * math.log(2.0))
-    return BitsPerDimResult(
-        bpd=jnp.mean(bpd_probes, axis=1),
-        logp=-jnp.mean(bpd_probes, axis=1) * (d * math.log(2.0)) - log_width,
-        z=z, nfe=nfe.reshape(k, b).sum(0), num_steps=num_steps.reshape(k, b).sum(0),
-        bpd_probes=bpd_probes, exact_trace=exact, log_weights=log_weights,
-    )
+    bpd = jnp.mean(bpd_probes, axis=1)
+    logp = -bpd * (d * math.log(2.0)) - log_width
+    return (bpd, logp, nfe.reshape(k, b).sum(0), num_steps.reshape(k, b).sum(0), bpd_probes,
+            log_weights)

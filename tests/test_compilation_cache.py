@@ -1,5 +1,6 @@
 """pf.enable_compilation_cache: a second new process loads every compiled program of the first
-(nothing compiles again), because no compiled solve holds a host callback."""
+(nothing compiles again), because no compiled solve holds a host callback, and loads the traced
+likelihood and encode solves from the program store instead of tracing them."""
 
 import os
 import subprocess
@@ -17,6 +18,10 @@ import jax, jax.monitoring
 import numpy as np
 events = []
 jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+traced = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: traced.append(kw.get("fun_name"))
+    if name == "/jax/core/compile/jaxpr_trace_duration" else None)
 import probflow as pf
 pf.enable_compilation_cache(sys.argv[1])
 mix = pf.GaussianMixture([0.3, 0.7], [[-1.0, 0.5], [1.5, -0.5]],
@@ -32,7 +37,8 @@ p = pf.sample_pc(model, sde, 3, (2,), key=key, steps=20)
 e = pf.encode(model, sde, np.asarray(s.x), solver=__import__("diffrax").Heun(), steps=8)
 hits = events.count("/jax/compilation_cache/cache_hits")
 misses = events.count("/jax/compilation_cache/cache_misses")
-print("CACHE", hits, misses, float(np.mean(r.bpd)), float(np.mean(r2.bpd)))
+print("CACHE", hits, misses, float(np.mean(r.bpd)), float(np.mean(r2.bpd)),
+      traced.count("flat") + traced.count("_log_likelihood") + traced.count("_encode"))
 """
 
 
@@ -40,17 +46,19 @@ def _run(cache):
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(cache)], capture_output=True,
                           text=True, timeout=900, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    hits, misses, bpd, bpd_lockstep = proc.stdout.split("CACHE")[1].split()
-    return int(hits), int(misses), float(bpd), float(bpd_lockstep)
+    hits, misses, bpd, bpd_lockstep, solves_traced = proc.stdout.split("CACHE")[1].split()
+    return int(hits), int(misses), float(bpd), float(bpd_lockstep), int(solves_traced)
 
 
 def test_second_process_compiles_nothing(tmp_path):
     cache = tmp_path / "cache"
-    hits1, misses1, bpd1, lock1 = _run(cache)
+    hits1, misses1, bpd1, lock1, traced1 = _run(cache)
     stored = [p for p in cache.iterdir() if p.name.endswith("-cache")]
     assert misses1 > 0 and stored  # the first process compiled and stored its programs
-    hits2, misses2, bpd2, lock2 = _run(cache)
+    assert traced1 == 3 and len(list((cache / "programs").glob("*.jaxexport"))) == 3
+    hits2, misses2, bpd2, lock2, traced2 = _run(cache)
     assert misses2 == 0 and hits2 > 0  # the second compiles nothing: it loads every program
+    assert traced2 == 0  # and traces no likelihood or encode solve: it loads them too
     # The loaded programs compute the same thing (the same program, run twice).
     assert (bpd2, lock2) == (bpd1, lock1)
 

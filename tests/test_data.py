@@ -22,6 +22,25 @@ def test_digits_split_is_the_documented_permutation():
     assert int(train.images.min()) == 0 and int(train.images.max()) == 16
 
 
+def test_digits_read_without_sklearn_equals_its_loader(monkeypatch):
+    """The file is read directly (no scikit-learn import); its own loader is the fallback."""
+    from probflow.data import _digits
+
+    assert _digits._digits_file() is not None
+    direct = _digits._digits_arrays()
+    monkeypatch.setattr(_digits, "_digits_file", lambda: None)
+    _digits._digits_arrays.cache_clear()
+    try:
+        fallback = _digits._digits_arrays()
+    finally:
+        _digits._digits_arrays.cache_clear()
+    bunch = load_digits()
+    for got in (direct, fallback):
+        np.testing.assert_array_equal(got[0][..., 0], bunch.images.astype(np.int32))
+        np.testing.assert_array_equal(got[1], bunch.target)
+        assert got[0].dtype == got[1].dtype == np.int32
+
+
 def test_hold_out_is_deterministic_and_disjoint():
     train = pf.data.load("digits", split="train")
     rest, held = train.hold_out(200, seed=0)

@@ -245,8 +245,11 @@ def enable_compile_cache() -> Path | None:
     # Cache every program that took noticeable time to compile (JAX's default is >= 1 s);
     # PROBFLOW_CACHE_MIN_COMPILE_SECS overrides the threshold (0: cache every program).
     threshold = float(os.environ.get("PROBFLOW_CACHE_MIN_COMPILE_SECS", "0.1"))
+    # The traced solves are stored beside them (pf.enable_compilation_cache's store_programs);
+    # PROBFLOW_STORE_PROGRAMS=0 traces every solve in every run instead.
+    store = os.environ.get("PROBFLOW_STORE_PROGRAMS", "1") != "0"
     try:
-        path = enable_compilation_cache(min_compile_time_secs=threshold)
+        path = enable_compilation_cache(min_compile_time_secs=threshold, store_programs=store)
     except ValueError:
         return None
     # XLA:CPU logs two spurious ERROR lines for every program loaded from the cache (its

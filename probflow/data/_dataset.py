@@ -44,7 +44,8 @@ class Dataset:
             )
         num_bins = check_num_bins(self.num_bins)
         if images.size:
-            low, high = int(jnp.min(images)), int(jnp.max(images))
+            host = np.asarray(self.images)  # on the host: no program to compile for it
+            low, high = int(host.min()), int(host.max())
             if low < 0 or high >= num_bins:
                 raise ValueError(
                     f"images must be levels in [0, num_bins) = [0, {num_bins}), got values in "
