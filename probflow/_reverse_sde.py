@@ -4,7 +4,7 @@
 
 The drift is an `ODETerm`, the diffusion a `ControlTerm` driven by the Brownian motion (fixed
 steps: exact independent increments per step, `UnsafeBrownianPath`; adaptive steps: a
-`VirtualBrownianTree`, consistent across rejected steps); the
+`VirtualBrownianTree`, consistent across rejected steps, without its host callback); the
 noise is additive (g does not depend on x), so every diffrax SDE solver applies, including the
 stochastic Runge--Kutta methods for additive noise (SRA1, ShARK, SEA). The solve runs forward in
 the reversed time s = T - t, from 0 to T - eps:
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import PRNGKeyArray
 
+from ._brownian import UncheckedBrownianTree
 from ._failures import (
     Failure,
     FixedSteps,
@@ -108,18 +109,20 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
     levy_area = _levy_area(opts.solver)
     if opts.steps is None:  # adaptive
         pid = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol)
-        controller = GuardedController(pid)  # pyright: ignore[reportCallIssue]
-        dt0 = jnp.asarray(s_end / 64, dtype)
-        # Rejected steps revisit parts of the path: the tree keeps them consistent (its range
-        # check is the one host callback left in a probflow program, diffrax's own).
-        brownian = diffrax.VirtualBrownianTree(
-            0.0, s_end, tol=s_end * 2.0**-16, shape=shape, key=key, levy_area=levy_area
+        # The first step goes to the controller, not to diffeqsolve (whose check of a traced dt0
+        # is a host callback).
+        controller = GuardedController(  # pyright: ignore[reportCallIssue]
+            pid, jnp.asarray(s_end / 64, dtype)  # pyright: ignore[reportCallIssue]
         )
+        # Rejected steps revisit parts of the path: the tree keeps them consistent (evaluated
+        # without its range check, a host callback: `_brownian.py`).
+        brownian = UncheckedBrownianTree(diffrax.VirtualBrownianTree(
+            0.0, s_end, tol=s_end * 2.0**-16, shape=shape, key=key, levy_area=levy_area
+        ))
         adjoint = diffrax.RecursiveCheckpointAdjoint()
     else:
         steps = opts.steps + 1  # pyright: ignore[reportOptionalOperand]
         controller = FixedSteps(jnp.linspace(0.0, s_end, steps, dtype=dtype))
-        dt0 = None
         # Every step asks once for its own increment (and Levy area), which are independent
         # Gaussians over disjoint steps: drawn exactly, per step, with no tree to descend.
         brownian = diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
@@ -133,7 +136,7 @@ def solve_reverse_sde(model: Callable, sde: AbstractSDE, x_T, key, eps: float, o
         opts.solver,
         t0=jnp.asarray(0.0, dtype),
         t1=jnp.asarray(s_end, dtype),
-        dt0=dt0,
+        dt0=None,
         y0=x_T,
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=controller,

@@ -238,6 +238,8 @@ SLOW = {
     "test_multiprocess.py::test_duplicate_process_ids",
     "test_cli_tools.py::test_user_mistakes_print_one_line",  # test_bad_input.py: bad commands
     "test_fewstep.py::test_nfe_matches_host_counter_on_unet[ipndm]",  # U-Net: [unipc3]
+    # Levy area: [SpaceTimeLevyArea]
+    "test_samplers.py::test_unchecked_tree_is_diffraxs_tree[SpaceTimeTimeLevyArea]",
 }
 
 

@@ -254,12 +254,16 @@ def test_no_host_callback_in_any_compiled_solve(mixture2d):
     programs["inpaint"] = (_controllable._inpaint, model, sde, x, mask, keys, 1e-3, 10, *pc, True)
     programs["inpaint-smc"] = (_controllable._inpaint_smc, model, sde, x, mask, keys, 1e-3, 10, 4,
                                True)
+    # Adaptive: a virtual Brownian tree (`_brownian.UncheckedBrownianTree`), with Levy area too.
+    for name, solver in {"adaptive": diffrax.Heun(), "adaptive-shark": diffrax.ShARK()}.items():
+        so = pf.SDEOptions(solver=solver, steps=None, max_steps=100)
+        programs[f"sde-{name}"] = (_reverse_sde._sample_sde, model, sde, keys, (2,), jnp.float32,
+                                   1e-3, so)
     with_callback = [name for name, (fn, *args) in programs.items() if _has_callback(fn, *args)]
     assert with_callback == []
-    # The check itself can fail: the adaptive reverse-SDE solve keeps diffrax's own
-    # VirtualBrownianTree range check (documented in docs/api.md).
-    so = pf.SDEOptions(solver=diffrax.Heun(), steps=None, max_steps=100)
-    assert _has_callback(_reverse_sde._sample_sde, model, sde, keys, (2,), jnp.float32, 1e-3, so)
+    # The check itself can fail: diffrax's own tree checks its range with a host callback.
+    tree = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(2,), key=KEY)
+    assert _has_callback(eqx.filter_jit(lambda t: tree.evaluate(t, t + 0.1)), jnp.float32(0.2))
 
 
 def test_solve_error_is_exported():

@@ -7,6 +7,7 @@ Independent references: exact scores and exact samples of a 2-d Gaussian mixture
 import math
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,6 +324,33 @@ def test_sample_sde_nfe_host_counter_all_solvers(mixture2d, solver, steps):
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("levy_area", [diffrax.BrownianIncrement, diffrax.SpaceTimeLevyArea,
+                                       diffrax.SpaceTimeTimeLevyArea])
+def test_unchecked_tree_is_diffraxs_tree(levy_area):
+    """The adaptive solve's path is diffrax's virtual Brownian tree, bit for bit, less its host
+    callback; outside its range the time is clipped."""
+    from probflow._brownian import UncheckedBrownianTree
+
+    shape = jax.ShapeDtypeStruct((3,), jnp.float32)
+    tree = diffrax.VirtualBrownianTree(0.0, 0.9, tol=0.9 * 2.0**-12, shape=shape,
+                                       key=jax.random.key(5), levy_area=levy_area)
+    ours = UncheckedBrownianTree(tree)
+    f32 = jnp.float32  # array times: one compilation for all of them
+    for t0, t1 in [(0.0, 0.9), (0.013, 0.2), (0.41, 0.77), (0.5, 0.5)]:
+        ref = tree.evaluate(f32(t0), f32(t1), use_levy=True)
+        got = ours.evaluate(f32(t0), f32(t1), use_levy=True)
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for t in [0.0, 0.2, 0.77, 0.9]:
+        np.testing.assert_array_equal(np.asarray(tree.evaluate(f32(t))),
+                                      np.asarray(ours.evaluate(f32(t))))
+    jitted = eqx.filter_jit(lambda p, t: p.evaluate(t, t + 0.1))
+    assert "callback" not in jitted.lower(ours, f32(0.3)).as_text()
+    assert "callback" in jitted.lower(tree, f32(0.3)).as_text()  # diffrax's own check
+    np.testing.assert_array_equal(np.asarray(ours.evaluate(f32(1.5))),
+                                  np.asarray(tree.evaluate(f32(0.9))))
 
 
 def test_bad_inputs(mixture2d):
