@@ -240,6 +240,8 @@ SLOW = {
     "test_fewstep.py::test_nfe_matches_host_counter_on_unet[ipndm]",  # U-Net: [unipc3]
     # Levy area: [SpaceTimeLevyArea]
     "test_samplers.py::test_unchecked_tree_is_diffraxs_tree[SpaceTimeTimeLevyArea]",
+    # EDM with churn: test_edm_matches_paper[max-churn] (Algorithm 2, the same draws)
+    "test_fewstep.py::test_edm_churn_samples_the_mixture",
 }
 
 
