@@ -7,7 +7,7 @@ checks that each time lies in [t0, t1] with `eqx.error_if`, a host callback, and
 compilation cache cannot store a program that holds one. `UncheckedBrownianTree` wraps the tree
 and evaluates it by the same descent (diffrax's own functions), with the time clipped into the
 tree's range instead of checked: within the range (always, in a solve over the tree's own
-interval) the values are the tree's, bit for bit (`tests/test_reverse_sde.py`).
+interval) the values are the tree's, bit for bit (`tests/test_samplers.py`).
 
 It uses diffrax internals (`_evaluate_leaf`, `_denormalise_bm_inc` and the Levy-area helpers of
 `diffrax._brownian.tree`), pinned by the diffrax range in pyproject.toml.

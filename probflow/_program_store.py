@@ -6,9 +6,10 @@ JAX needs the lowered program to look it up; for a U-Net likelihood solve that i
 start (docs/benchmarks.md, "Time to first result"). `stored_jit(fn)` is `eqx.filter_jit(fn)`
 while no store is open. With one open (`pf.enable_compilation_cache`, `store_programs=True`),
 a call's arguments are split into arrays and everything else, as `eqx.filter_jit` does, and the
-program is looked up by a key made of: everything else, described exactly; the arrays' shapes
-and dtypes; a digest of probflow's source; the versions of Python, jax, jaxlib, equinox and
-diffrax; the backend; and JAX's flags that change what a trace makes.
+program is looked up by a key made of: everything else, described exactly; the arrays' shapes,
+dtypes and weak types; a digest of probflow's source; the versions of Python, jax, jaxlib,
+equinox, diffrax, lineax and numpy; the device's platform and kind; and JAX's flags that change
+what a trace makes.
 
 A program is stored only if everything static in its arguments is named by probflow, JAX,
 equinox, diffrax or numpy: a model class or a function of the user's own is traced every
@@ -54,7 +55,8 @@ _VERSIONED = ("jax", "jaxlib", "equinox", "diffrax", "lineax", "numpy")
 _TRACE_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion",
                 "jax_numpy_dtype_promotion", "jax_default_prng_impl",
                 "jax_threefry_partitionable")
-_MAGIC = b"probflow-program-1\n"
+_MAGIC = b"probflow-program-1\n"  # then the payload's sha256 in hex and a newline
+_HEADER = len(_MAGIC) + 64 + 1
 _SUFFIX = ".jaxexport"
 
 _store: Path | None = None
@@ -182,11 +184,10 @@ def _read(path: Path):
         blob = path.read_bytes()
     except OSError:
         return None
-    head = len(_MAGIC) + 65
-    if not blob.startswith(_MAGIC) or len(blob) < head:
+    if not blob.startswith(_MAGIC) or len(blob) < _HEADER:
         return None
-    payload = blob[head:]
-    if hashlib.sha256(payload).hexdigest().encode() != blob[len(_MAGIC):head - 1]:
+    payload = blob[_HEADER:]
+    if hashlib.sha256(payload).hexdigest().encode() != blob[len(_MAGIC):_HEADER - 1]:
         return None
     try:
         return jax.export.deserialize(bytearray(payload))
