@@ -6,14 +6,15 @@ library's first `pf.bits_per_dim` of 64 digits test images under `digits-vp`), m
 side in one run:
 
 - a new process with an empty cache (end to end, imports included);
-- a new process with the cache the first one filled (the same);
+- a new process with the cache such a process filled (the same);
 - the warm call in-process (the same work again in one process: nothing left to compile).
 
 For the library the two new-process columns time the first call only (after imports and loading
 the model), as a user's script would see it. The `-traced` rows are the same workloads with the
 traced solves not stored (`PROBFLOW_STORE_PROGRAMS=0`, `store_programs=False`): what the stored
 programs save, side by side. `bpd-no-check` is `probflow bpd` without its solver-bias check.
-Prints a markdown table with the ratios.
+Each new-process column is the median of `--runs` processes (3 by default). Prints a markdown
+table with the ratios.
 
     python benchmarks/time_to_first_result.py [--only bpd,lib]
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,21 +95,28 @@ def main() -> None:
     p.add_argument("--only", default="bpd,bpd-no-check,bpd-traced,encode,sample,lib,lib-traced",
                    help="comma-separated workloads (bpd, bpd-no-check, bpd-traced, encode, "
                         "sample, lib, lib-traced)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="new processes per workload and column, empty cache and warm (the "
+                        "median is reported: one run varies by about 0.5-1 s here)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (kind, argv) in _workloads(tmp).items():
             if name not in args.only.split(","):
                 continue
-            cache = os.path.join(tmp, f"cache-{name}")
+            # Each empty-cache run fills a cache of its own; the warm runs use the last one.
+            caches = [os.path.join(tmp, f"cache-{name}-{k}") for k in range(args.runs)]
             if kind.startswith("cli"):
-                cold, _ = _process(kind, argv, cache, 1)
-                warm, _ = _process(kind, argv, cache, 1)
-                _, calls = _process(kind, argv, cache, 2)
+                cold = statistics.median(_process(kind, argv, c, 1)[0] for c in caches)
+                warm = statistics.median(
+                    _process(kind, argv, caches[-1], 1)[0] for _ in range(args.runs))
+                _, calls = _process(kind, argv, caches[-1], 2)
                 inproc = calls[1]
             else:
-                _, (cold, _) = _process(kind, argv, cache, 2)
-                _, (warm, inproc) = _process(kind, argv, cache, 2)
+                cold = statistics.median(_process(kind, argv, c, 2)[1][0] for c in caches)
+                runs = [_process(kind, argv, caches[-1], 2)[1] for _ in range(args.runs)]
+                warm = statistics.median(r[0] for r in runs)
+                inproc = statistics.median(r[1] for r in runs)
             rows.append((name, cold, warm, inproc))
             print(f"{name}: cold {cold:.1f} s, warm cache {warm:.1f} s, in-process {inproc:.1f} s",
                   file=sys.stderr)

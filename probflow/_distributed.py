@@ -20,10 +20,14 @@ import json
 import socket
 from collections.abc import Sequence
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from ._validate import example_keys, holds_example_keys
 
 DATA_AXIS = "data"
 
@@ -247,12 +251,20 @@ def process_slice(num_items: int) -> tuple[int, int]:
     return _slices(num_items)[jax.process_index()]
 
 
+@eqx.filter_jit
+def image_keys(key, n: int):
+    """The keys of a data set's n images: image i draws from `fold_in(key, i)`."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
 def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, **options):
     """`bits_per_dim` over a data set, its batches split across the processes.
 
-    Batch b (examples [b * batch_size, (b + 1) * batch_size)) uses the key `fold_in(key, b *
-    batch_size)` whatever the number of processes, and each process solves a contiguous run of
-    batches with no communication (the adaptive per-example solves are independent); one
+    Example i draws its dequantization noise and probes from its own key, `fold_in(key, i)`
+    (`image_keys`) or `key[i]` when `key` holds one key per example, so its draws do not depend
+    on the batch size or the number of processes.
+    Each process solves a contiguous run of batches (examples [b * batch_size, (b + 1) *
+    batch_size)) with no communication (the adaptive per-example solves are independent); one
     all-gather at the end returns every example's `BitsPerDimResult` fields, in order, on every
     process. With one process it is the plain batched loop.
 
@@ -261,7 +273,8 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     - `model`: the score model.
     - `sde`: its SDE.
     - `x_int`: integer images [N, ...].
-    - `key`: the PRNG key; batch b uses `fold_in(key, b * batch_size)`.
+    - `key`: the PRNG key (example i draws from `fold_in(key, i)`), or one key per example
+      (shape [N]).
     - `batch_size`: images per call of `bits_per_dim`.
     - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the
       solve keywords).
@@ -276,8 +289,9 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     n = int(x_int.shape[0])
     starts = list(range(0, n, batch_size))
     first, last = process_slice(len(starts))
+    keys = example_keys(key, n) if holds_example_keys(key) else image_keys(key, n)
     mine = [
-        bits_per_dim(model, sde, x_int[s : s + batch_size], key=jax.random.fold_in(key, s),
+        bits_per_dim(model, sde, x_int[s : s + batch_size], key=keys[s : s + batch_size],
                      **options)
         for s in starts[first:last]
     ]
@@ -286,10 +300,11 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
         fields = tuple(f for f in fields if getattr(mine[0], f) is not None)  # z: None for ELBO
         local = {f: np.concatenate([np.asarray(getattr(r, f)) for r in mine]) for f in fields}
         exact = mine[0].exact_trace
-    else:  # more processes than batches: this one holds no rows (shapes from a traced call)
-        shaped = jax.eval_shape(
-            lambda x: bits_per_dim(model, sde, x, key=key, **options), x_int[:1]
-        )
+    else:
+        # More processes than batches: this one holds no rows. The fields' shapes come from the
+        # first example solved here (bits_per_dim checks its input on the host and raises on
+        # failures, so it cannot be traced abstractly); it costs one example's solve.
+        shaped = bits_per_dim(model, sde, x_int[:1], key=keys[:1], **options)
         fields = tuple(f for f in fields if getattr(shaped, f) is not None)
         local = {f: np.zeros((0, *getattr(shaped, f).shape[1:]), getattr(shaped, f).dtype)
                  for f in fields}

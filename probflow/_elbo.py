@@ -44,7 +44,7 @@ from ._failures import input_failure, raise_if_failed
 from ._flow import _check_flow_inputs
 from ._results import ELBOResult
 from ._sde import AbstractSDE
-from ._validate import check_model, check_positive_int
+from ._validate import check_model, check_positive_int, example_keys
 
 #: Score evaluations per vmapped model call: about 2^18 input values (4096 8x8 images, 85 CIFAR
 #: images); the U-Nets' activations are a few hundred times larger.
@@ -182,7 +182,8 @@ def elbo(
     - `model`: the score model `model(t, x)` for one example.
     - `sde`: the forward SDE (`pf.VPSDE`, `pf.SubVPSDE`, `pf.VESDE`).
     - `x`: a batch `[B, ...]` of continuous data in model space.
-    - `key`: a PRNG key (keyword-only); each example gets its own draws.
+    - `key`: a PRNG key (keyword-only), split into one per example, or one key per example
+      (shape [B]); each example gets its own draws.
     - `num_times`: draws of t in `[eps, T]` per example, even (two per stratum of the importance
       density g(t)^2 / std(t)^2, uniform in the log signal-to-noise ratio); default 256.
     - `num_reconstruction`: draws of the reconstruction term at `eps`, >= 2; default 16.
@@ -197,7 +198,7 @@ def elbo(
     bound = VariationalBound(num_times, num_reconstruction, chunk_size)
     if key is None:
         raise ValueError("key is required (it draws the times and the noise)")
-    keys = jax.random.split(key, x.shape[0])
+    keys = example_keys(key, x.shape[0])
     prior, diffusion, reconstruction, stderr, failure = _elbo(model, sde, x, keys, bound, eps)
     raise_if_failed(failure, what="ELBO", direction=1)
     return ELBOResult(

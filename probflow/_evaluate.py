@@ -3,15 +3,18 @@
 The paper evaluates its test set 5 times with fresh dequantization noise (Song et al. 2021,
 appendix D); `evaluate_bits_per_dim` does that at the library level and summarises the values
 with `summarize_bits_per_dim` (mean, standard error, spread between images, dequantization and
-probe noise). The keys follow `probflow bpd`: the batch of images starting at index i in repeat r
-uses `fold_in(fold_in(key, r), i)`, so the command line and the library give the same numbers.
+probe noise). The keys follow `probflow bpd`: image i in repeat r draws its dequantization noise
+and probes from `fold_in(fold_in(key, r), i)`, whatever the batch size and the number of
+processes, so the command line and the library give the same numbers.
 
 The statistical error bar says nothing about the solver. `estimate_solver_bias` estimates the
 solver's bias of the mean: N images chosen at random are solved twice with the same
 dequantization and probes (one key), at the evaluation's tolerances and 100x tighter; the mean
 paired difference estimates the bias of every image's value (the tighter solve's own error is
 about 100^(4/5) times smaller for a method of order 5(4)), and its standard error is their
-spread over sqrt(N).
+spread over sqrt(N). The evaluator's check (`check_solver=N`) pairs the first repeat's own values
+of N images with their tight re-solves from the same per-image keys, so it solves N images once
+more, not twice.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
-from ._distributed import distributed_bits_per_dim
+from ._distributed import distributed_bits_per_dim, image_keys
 from ._likelihood import bits_per_dim
 from ._options import ODEOptions, as_scheduler, ode_options
 from ._results import BitsPerDimResult, BitsPerDimSummary, summarize_bits_per_dim
@@ -57,6 +60,40 @@ class SolverBiasEstimate:
 _PLAN_KEYWORDS = ("solver", "rtol", "atol", "steps", "max_steps", "time", "schedule", "slots")
 
 
+def _plans(sde: AbstractSDE, options: dict) -> tuple[ODEOptions, ODEOptions, dict]:
+    """(the plan of `options`, the same plan 100x tighter, the other options)."""
+    options = dict(options)
+    if not isinstance(options.get("method", "ode"), str) or options.get("method", "ode") != "ode":
+        raise ValueError("check_solver applies to method='ode' (the ELBO has no solver)")
+    plan_keywords = {k: options.pop(k) for k in _PLAN_KEYWORDS if k in options}
+    slots = plan_keywords.pop("slots", "auto")
+    plan = ode_options(
+        options.pop("options", None), lambda **given: ODEOptions.bits_per_dim(sde, **given),
+        scheduler=None if slots == "auto" else as_scheduler(slots), **plan_keywords,
+    )
+    if not plan.adaptive:
+        raise ValueError("check_solver needs an adaptive solve (steps=None)")
+    return plan, plan.replace(rtol=plan.rtol / 100, atol=plan.atol / 100), options
+
+
+def _pick(key: PRNGKeyArray, n: int, num_images: int) -> np.ndarray:
+    """`num_images` of n images chosen at random (all of them if fewer), in order."""
+    return np.sort(np.asarray(jax.random.choice(key, n, (min(num_images, n),), replace=False)))
+
+
+def _paired(bpd, nfe, tight: BitsPerDimResult, plan: ODEOptions) -> SolverBiasEstimate:
+    """The estimate from the values `bpd` (and their `nfe`) at the plan's tolerances and the
+    same images' values `tight` 100x tighter, with the same draws."""
+    bpd = np.asarray(bpd)
+    diff = bpd.astype(np.float64) - np.asarray(tight.bpd, np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size >= 2 else float("nan")
+    return SolverBiasEstimate(
+        bias=float(diff.mean()), bias_se=se, num_images=int(diff.size), rtol=float(plan.rtol),
+        atol=float(plan.atol), bpd=bpd, bpd_tight=np.asarray(tight.bpd), nfe=np.asarray(nfe),
+        nfe_tight=np.asarray(tight.nfe),
+    )
+
+
 def estimate_solver_bias(
     model: Callable, sde: AbstractSDE, x_int: ArrayLike, *, key: PRNGKeyArray, num_images: int,
     **options,
@@ -76,32 +113,31 @@ def estimate_solver_bias(
       Adaptive solves only.
     """
     num_images = int(check_positive_int(num_images, "num_images") or 1)
-    if not isinstance(options.get("method", "ode"), str) or options.get("method", "ode") != "ode":
-        raise ValueError("check_solver applies to method='ode' (the ELBO has no solver)")
-    plan_keywords = {k: options.pop(k) for k in _PLAN_KEYWORDS if k in options}
-    slots = plan_keywords.pop("slots", "auto")
-    plan = ode_options(
-        options.pop("options", None), lambda **given: ODEOptions.bits_per_dim(sde, **given),
-        scheduler=None if slots == "auto" else as_scheduler(slots), **plan_keywords,
-    )
-    if not plan.adaptive:
-        raise ValueError("check_solver needs an adaptive solve (steps=None)")
-    tight = plan.replace(rtol=plan.rtol / 100, atol=plan.atol / 100)
-    rtol, atol = float(plan.rtol), float(plan.atol)
+    plan, tight, options = _plans(sde, options)
     x_int = x_int if isinstance(x_int, jax.Array) else np.asarray(x_int)
-    n = int(x_int.shape[0])
     k_pick, k_eval = jax.random.split(key)
-    idx = np.sort(np.asarray(jax.random.choice(k_pick, n, (min(num_images, n),), replace=False)))
-    sub = x_int[idx]
+    sub = x_int[_pick(k_pick, int(x_int.shape[0]), num_images)]
     a = bits_per_dim(model, sde, sub, key=k_eval, options=plan, **options)
     b = bits_per_dim(model, sde, sub, key=k_eval, options=tight, **options)
-    diff = np.asarray(a.bpd, np.float64) - np.asarray(b.bpd, np.float64)
-    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size >= 2 else float("nan")
-    return SolverBiasEstimate(
-        bias=float(diff.mean()), bias_se=se, num_images=int(diff.size), rtol=rtol, atol=atol,
-        bpd=np.asarray(a.bpd), bpd_tight=np.asarray(b.bpd), nfe=np.asarray(a.nfe),
-        nfe_tight=np.asarray(b.nfe),
-    )
+    return _paired(a.bpd, a.nfe, b, plan)
+
+
+def _check_evaluation(
+    model: Callable, sde: AbstractSDE, x_int, first: BitsPerDimResult,
+    plans: tuple[ODEOptions, ODEOptions, dict], *, key: PRNGKeyArray, image_key: PRNGKeyArray,
+    num_images: int,
+) -> SolverBiasEstimate:
+    """The solver check of `evaluate_bits_per_dim`: `num_images` images chosen with `key` are
+    solved again 100x tighter with the draws the first repeat gave them (image i's key:
+    `fold_in(image_key, i)`), and paired with the first repeat's own values for them."""
+    plan, tight, options = plans
+    idx = _pick(key, int(x_int.shape[0]), num_images)
+    keys = image_keys(image_key, int(x_int.shape[0]))[idx]
+    # In a multi-process run each process re-solves its share of the images (one batch each).
+    share = -(-len(idx) // jax.process_count())
+    b = distributed_bits_per_dim(model, sde, x_int[idx], key=keys, batch_size=share,
+                                 options=tight, **options)
+    return _paired(np.asarray(first.bpd)[idx], np.asarray(first.nfe)[idx], b, plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +198,9 @@ def evaluate_bits_per_dim(
     `check_solver=N` also re-solves N images chosen at random at the tolerances and 100x
     tighter with the same draws (`SolverBiasEstimate`): `ev.solver_bias` estimates the solver's
     bias of the mean beside the statistical `ev.summary.sem`, with its standard error
-    `ev.solver_bias_se`. It costs N solves at each tolerance (the key is `fold_in(key,
-    repeats)`, unused by the repeats).
+    `ev.solver_bias_se`. The images are chosen with `fold_in(key, repeats)` (unused by the
+    repeats); their tight re-solves use the first repeat's draws, and the differences are taken
+    from the first repeat's values, so the check costs N tight solves and no other.
 
     **Arguments:**
 
@@ -173,7 +210,8 @@ def evaluate_bits_per_dim(
     - `key`: the PRNG key (fresh dequantization noise and probes per repeat).
     - `num_probes`: Hutchinson probes per image.
     - `repeats`: fresh dequantizations of the whole set.
-    - `batch_size`: images per call of `bits_per_dim` (None: all at once).
+    - `batch_size`: images per call of `bits_per_dim` (None: all at once); the draws do not
+      depend on it.
     - `options`: `bits_per_dim`'s options (`num_bins`, `data_range`, `trace`, `options=` or the
       solve keywords).
     - `check_solver`: re-solve this many images at 100x tighter tolerances to estimate the
@@ -187,17 +225,21 @@ def evaluate_bits_per_dim(
         raise ValueError(f"x_int must have a leading batch axis, got shape {x_int.shape}")
     n = int(x_int.shape[0])
     batch_size = n if batch_size is None else check_positive_int(batch_size, "batch_size")
-    # Repeat r over all images: batch i (from image i) uses fold_in(fold_in(key, r), i), its
-    # batches split across the processes of a multi-process run (one process: the plain loop).
+    # The check's plans, validated before the evaluation.
+    plans = None if num_check is None else _plans(sde, dict(options, num_probes=num_probes))
+    # Repeat r over all images: image i draws from fold_in(fold_in(key, r), i), the batches
+    # split across the processes of a multi-process run (one process: the plain loop).
     results = [
         distributed_bits_per_dim(model, sde, x_int, key=jax.random.fold_in(key, r),
                                  batch_size=batch_size, num_probes=num_probes, **options)
         for r in range(repeats)
     ]
     solver = None
-    if num_check is not None:
-        solver = estimate_solver_bias(model, sde, x_int, key=jax.random.fold_in(key, repeats),
-                               num_images=num_check, num_probes=num_probes, **options)
+    if plans is not None and num_check is not None:
+        solver = _check_evaluation(
+            model, sde, x_int, results[0], plans, key=jax.random.fold_in(key, repeats),
+            image_key=jax.random.fold_in(key, 0), num_images=num_check,
+        )
     return BitsPerDimEvaluation(summary=summarize_bits_per_dim(results), results=tuple(results),
                                 solver=solver)
 

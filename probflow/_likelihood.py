@@ -48,6 +48,8 @@ from ._validate import (
     check_num_bins,
     check_positive_int,
     check_sde,
+    example_keys,
+    holds_example_keys,
 )
 from .data._dataset import to_model_space
 
@@ -156,7 +158,8 @@ def log_likelihood(
     - `model`: the score model, `model(t, x) -> score` for one example.
     - `sde`: the SDE.
     - `x`: a batch of data [B, ...] in the model's range.
-    - `key`: the PRNG key of the Hutchinson probes (not needed for `trace="exact"`).
+    - `key`: the PRNG key of the Hutchinson probes (not needed for `trace="exact"`): one key,
+      split into one per example, or one key per example (shape [B]).
     - `trace`: the divergence: `"rademacher"` (the default, the least noisy), `"gaussian"` (on
       the whole drift's Jacobian, as the paper's code), `"exact"` (one push per dimension), or an
       estimator object (`pf.RademacherTrace(num_probes)`, `pf.GaussianTrace`, `pf.ExactTrace()`).
@@ -188,7 +191,7 @@ def log_likelihood(
     ).for_examples(math.prod(x.shape[1:]))
     if key is None:
         key = jax.random.key(0)  # unused: the exact trace draws nothing
-    keys = jax.random.split(key, x.shape[0])
+    keys = example_keys(key, x.shape[0])
     logp_probes, z, nfe, num_steps, failure = _log_likelihood(
         model, sde, x, keys, eps, opts, estimator, divergence_mode
     )
@@ -201,14 +204,22 @@ def log_likelihood(
 
 
 @eqx.filter_jit
-def _dequantize(x_int, key, num_bins, lo, hi, dequantization, dtype, sde, eps):
+def _dequantize(x_int, key, num_bins, lo, hi, dequantization, dtype, sde, eps, per_example: bool):
     """Model-space draws y and log q_u(u | x) [B] (see `_dequantization.py`); the cell centres
-    and log q_u = 0 when `dequantization` is None (no dequantization)."""
+    and log q_u = 0 when `dequantization` is None (no dequantization). `per_example`: `key`
+    holds one key per example, each drawing its own example's noise."""
     x_int = x_int.astype(jnp.int32)  # uint8 data with num_bins=256 must not wrap around
     if dequantization is not None:
-        u, log_q = dequantization.sample(
-            key, x_int.shape, dtype, bin_width=(hi - lo) / num_bins, sde=sde, eps=eps
-        )
+        def draw(k, shape):
+            return dequantization.sample(
+                k, shape, dtype, bin_width=(hi - lo) / num_bins, sde=sde, eps=eps
+            )
+
+        if per_example:
+            u, log_q = jax.vmap(lambda k: draw(k, (1, *x_int.shape[1:])))(key)
+            u, log_q = u[:, 0], log_q[:, 0]
+        else:
+            u, log_q = draw(key, x_int.shape)
     else:
         u, log_q = jnp.full(x_int.shape, 0.5, dtype), jnp.zeros(x_int.shape[:1], dtype)
     return to_model_space(x_int.astype(dtype), u, num_bins, (lo, hi)), log_q
@@ -279,7 +290,9 @@ def bits_per_dim(
     - `model`: the score model, `model(t, x) -> score` for one example.
     - `sde`: the SDE.
     - `x_int`: a batch of integer data [B, ...] in [0, num_bins).
-    - `key`: the PRNG key of the dequantization noise and the probes.
+    - `key`: the PRNG key of the dequantization noise and the probes: one key for the batch, or
+      one key per example (shape [B]), so that an example's draws depend on its key alone and
+      any subset can be solved again with the same draws.
     - `num_bins`: the number of levels of the data (256 for 8-bit images).
     - `data_range`: (lo, hi), the model's data range.
     - `dequantize`: add uniform noise (True) or use u = 1/2 (False).
@@ -334,8 +347,12 @@ def bits_per_dim(
     bound = as_bound(method)
     k = int(check_positive_int(importance_samples, "importance_samples") or 1)
     dtype = jnp.result_type(float) if dtype is None else dtype
-    k_deq, k_probe = jax.random.split(key)
     b = x_int.shape[0]
+    per_example = holds_example_keys(key)
+    if per_example:  # draw k of example b: fold_in(split(key[b])[i], k), i = 0 noise, 1 probes
+        k_deq, k_probe = _row_keys(example_keys(key, b), k)
+    else:
+        k_deq, k_probe = jax.random.split(key)
     # Levels outside [0, num_bins), per example, checked here in Python (no host callback in
     # the compiled dequantization).
     levels = np.asarray(x_int).astype(np.int64)  # on the host: no program to compile for it
@@ -347,7 +364,7 @@ def bits_per_dim(
         )
     x_draws = x_int if k == 1 else jnp.concatenate([x_int] * k)  # row k * B + b: draw k of b
     x, log_q = _dequantize(x_draws, k_deq, num_bins, lo, hi, deq if dequantize else None, dtype,
-                           sde, eps)
+                           sde, eps, per_example)
     if bound is None:
         opts = ode_options(
             options, lambda **given: ODEOptions.bits_per_dim(sde, **given), solver=solver,
@@ -373,6 +390,19 @@ def bits_per_dim(
         bpd=bpd, logp=logp, z=z, nfe=nfe, num_steps=num_steps, bpd_probes=bpd_probes,
         exact_trace=exact, log_weights=log_weights,
     )
+
+
+@eqx.filter_jit
+def _row_keys(keys, k: int):
+    """The dequantization and probe keys of the K * B rows (row k * B + b: draw k of example b)
+    from one key per example: fold_in(split(keys[b])[i], k), i = 0 for the noise, 1 the probes."""
+    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2]
+
+    def rows(i):
+        fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+        return jnp.concatenate([fold(pairs[:, i], j) for j in range(k)])
+
+    return rows(0), rows(1)
 
 
 @eqx.filter_jit

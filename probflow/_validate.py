@@ -115,6 +115,42 @@ def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
     return shape
 
 
+def _key_array(key, name: str) -> tuple[Array, int]:
+    """(key as an array, its batch rank): 0 for one key, 1 for one key per example."""
+    try:
+        arr = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    except TypeError:
+        arr = None
+    if arr is None or not (jnp.issubdtype(arr.dtype, jax.dtypes.prng_key)
+                           or (arr.dtype == jnp.uint32 and arr.shape[-1:] == (2,))):
+        got = type(key).__name__ if arr is None else f"{arr.dtype} array of shape {arr.shape}"
+        raise ValueError(f"{name} must be a PRNG key (jax.random.key), got {got}")
+    return arr, arr.ndim - (0 if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key) else 1)
+
+
+def example_keys(key, n: int, name: str = "key") -> Array:
+    """One PRNG key per example of a batch of `n`: `key` split n ways, or `key` itself when it
+    already holds one key per example (typed keys of shape [n], or raw uint32 keys [n, 2]).
+
+    Per-example keys make an example's draws depend on its own key only, so any subset of a
+    batch can be solved again with the same draws (`pf.evaluate_bits_per_dim`'s solver check).
+    """
+    arr, batch_ndim = _key_array(key, name)
+    if batch_ndim == 0:
+        return jax.random.split(arr, n)
+    if batch_ndim != 1 or arr.shape[0] != n:
+        raise ValueError(
+            f"{name} must be one PRNG key or one per example (shape [{n}]), got keys of "
+            f"shape {arr.shape[:batch_ndim]}"
+        )
+    return arr
+
+
+def holds_example_keys(key, name: str = "key") -> bool:
+    """Whether `key` holds keys per example (see `example_keys`), not a single PRNG key."""
+    return _key_array(key, name)[1] > 0
+
+
 def as_float_batch(x, name: str = "x") -> Array:
     """A batch of real examples: a floating array with a leading batch axis."""
     if isinstance(x, (list, tuple)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -39,13 +40,20 @@ def test_bpd_prints_the_solver_bias_and_takes_the_new_options(tiny_checkpoint, t
     opts = dict(num_bins=17, rtol=1e-3, atol=1e-3, trace="rademacher", num_probes=1,
                 dequantization=pf.TruncatedNormalDequantization(), importance_samples=2)
     key = jax.random.key(2)
-    r = pf.bits_per_dim(model, sde, images, key=jax.random.fold_in(jax.random.fold_in(key, 0), 0),
-                        **opts)
+    # Image i draws from fold_in(fold_in(key, repeat 0), i).
+    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, 0), i) for i in range(4)])
+    r = pf.bits_per_dim(model, sde, images, key=keys, **opts)
     np.testing.assert_allclose(res["bpd"], float(np.mean(np.asarray(r.bpd, np.float64))),
                                rtol=1e-5)
-    check = pf.estimate_solver_bias(model, sde, images, key=jax.random.fold_in(key, 1),
-                                    num_images=3, **opts)
-    np.testing.assert_allclose(res["solver_bias"], check.bias, rtol=1e-4, atol=1e-6)
+    # The check: 3 images chosen with fold_in(key, repeats=1), solved again at 1e-5 with the same
+    # draws, paired with their values above.
+    idx = np.sort(np.asarray(jax.random.choice(jax.random.fold_in(key, 1), 4, (3,),
+                                               replace=False)))
+    tight = pf.bits_per_dim(model, sde, images[idx], key=keys[idx],
+                            **{**opts, "rtol": 1e-5, "atol": 1e-5})
+    bias = np.mean(np.asarray(r.bpd, np.float64)[idx] - np.asarray(tight.bpd, np.float64))
+    np.testing.assert_allclose(res["solver_bias"], bias, rtol=1e-4, atol=1e-6)
+    assert res["solver_check"]["nfe_tight_mean"] == float(np.mean(tight.nfe))
     assert res["solver_check"]["num_images"] == 3 and res["importance_samples"] == 2
     assert np.mean(np.asarray(r.nfe)) > 0 and res["nfe_mean"] == float(np.mean(r.nfe))
 

@@ -46,7 +46,9 @@ def test_bpd_takes_the_models_data_range_and_256_bins(paper, tmp_path):
     res = json.loads(js.read_text())
     model, sde = pf.load_score_sde(ckpt, config=score_sde_fixture_config("vp_ddpmpp"))
     assert model.data_range == (-1.0, 1.0)  # a centred config
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 0), 0)
+    # Image i draws from fold_in(fold_in(key(seed), repeat 0), i).
+    key = jax.numpy.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 0), i)
+                           for i in range(3)])
     ref = pf.bits_per_dim(model, sde, images[:3], key=key, num_bins=256, data_range=(-1.0, 1.0),
                           rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(res["bpd"], float(np.mean(ref.bpd)), rtol=1e-5)

@@ -237,10 +237,12 @@ def test_bpd_repeats_and_probes(tiny_checkpoint, tmp_path, capsys):
     images = pf.data.load("digits", "test").images[:3]
     repeats = []
     for r in range(2):
+        # Image i of repeat r draws from fold_in(fold_in(key(seed), r), i).
+        keys = jax.numpy.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(4), r), i)
+                                for i in range(3)])
         parts = [pf.bits_per_dim(model, sde, images[i : i + 2], num_bins=17, rtol=1e-3,
                                  atol=1e-3, trace="rademacher", num_probes=2,
-                                 key=jax.random.fold_in(jax.random.fold_in(jax.random.key(4), r),
-                                                        i))
+                                 key=keys[i : i + 2])
                  for i in (0, 2)]
         repeats.append(np.concatenate([np.asarray(p.bpd_probes) for p in parts]))
     b = np.stack(repeats).astype(np.float64)  # [R, N, P]

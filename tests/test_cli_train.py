@@ -31,7 +31,9 @@ def test_train_resume_and_bpd(tmp_path, capsys):
     res = json.loads(js.read_text())
     # Independently: pf.bits_per_dim on the same images with the CLI's documented keys.
     ds = pf.data.load("digits", "test")
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), 0)
+    # Image i draws from fold_in(fold_in(key(seed), repeat 0), i).
+    key = jax.numpy.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), i)
+                           for i in range(3)])
     ref = pf.bits_per_dim(ma, pf.VPSDE(), ds.images[:3], key=key, num_bins=17, rtol=1e-3,
                           atol=1e-3, trace="rademacher")  # the CLI's default estimator
     np.testing.assert_allclose(res["bpd"], float(np.mean(ref.bpd)), rtol=1e-5)

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import probflow as pf
+from probflow import _distributed
 from probflow.models import MLP
 
 # Runs in a fresh interpreter: XLA_FLAGS must be set before jax is imported.
@@ -108,19 +110,36 @@ def test_initialize_distributed_checks_its_arguments():
         pf.initialize_distributed("127.0.0.1:1234", 0, 0)
 
 
-def test_distributed_bits_per_dim_on_one_process_is_the_batched_loop():
-    """With one process: batch b of the data set uses fold_in(key, b * batch_size), the results
-    in example order; checked against pf.bits_per_dim called batch by batch."""
+def test_distributed_bits_per_dim_on_one_process_is_the_batched_loop(monkeypatch):
+    """With one process: image i draws from fold_in(key, i), the results in example order;
+    checked against pf.bits_per_dim called batch by batch with those keys. The draws do not
+    depend on the batch size, and a process left without batches returns empty fields."""
     sde = pf.VPSDE()
     model = MLP(2, sde=sde, width=8, depth=1, key=jax.random.key(0))
     ds = pf.data.load("toy:two-moons", "test")
     x, key = ds.images[:5], jax.random.key(7)
     opts = dict(num_bins=ds.num_bins, data_range=ds.data_range, rtol=1e-3, atol=1e-3)
     got = pf.distributed_bits_per_dim(model, sde, x, key=key, batch_size=2, **opts)
-    ref = [pf.bits_per_dim(model, sde, x[s : s + 2], key=jax.random.fold_in(key, s), **opts)
+    keys = jnp.stack([jax.random.fold_in(key, i) for i in range(5)])
+    ref = [pf.bits_per_dim(model, sde, x[s : s + 2], key=keys[s : s + 2], **opts)
            for s in (0, 2, 4)]
     np.testing.assert_array_equal(np.asarray(got.bpd), np.concatenate([r.bpd for r in ref]))
     np.testing.assert_array_equal(np.asarray(got.nfe), np.concatenate([r.nfe for r in ref]))
     assert got.bpd_probes.shape == (5, 1) and got.z.shape == (5, 2)
+    # One batch of 5: the same draws, so the same values up to the solver's tolerance (a batch
+    # of another size rounds the network's last bits differently, which can move a step).
+    whole = pf.distributed_bits_per_dim(model, sde, x, key=key, batch_size=5, **opts)
+    np.testing.assert_allclose(np.asarray(whole.bpd), np.asarray(got.bpd), rtol=0, atol=1e-3)
+    # A different key per image is a different draw: the values move by more than that.
+    other = pf.distributed_bits_per_dim(model, sde, x, key=jax.random.key(8), batch_size=2,
+                                        **opts)
+    assert np.max(np.abs(np.asarray(other.bpd) - np.asarray(got.bpd))) > 1e-3
+    # A process whose share holds no batch (more processes than batches) returns 0 rows of
+    # every field, with the dtypes and trailing shapes of a solved example.
+    monkeypatch.setattr(_distributed, "process_slice", lambda num_items: (0, 0))
+    monkeypatch.setattr(_distributed, "_slices", lambda num_items: [(0, 0)])
+    empty = pf.distributed_bits_per_dim(model, sde, x, key=key, batch_size=2, **opts)
+    assert empty.bpd.shape == (0,) and empty.bpd_probes.shape == (0, 1)
+    assert empty.z.shape == (0, 2) and empty.nfe.dtype == got.nfe.dtype
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         pf.distributed_bits_per_dim(model, sde, x, key=key, batch_size=0, **opts)

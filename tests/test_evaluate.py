@@ -49,10 +49,10 @@ def test_repeats_and_probes_use_the_cli_keys():
                                   batch_size=5, **OPTIONS)
     assert len(ev.results) == 2 and ev.results[0].bpd_probes.shape == (10, 2)
     for r in range(2):
-        for i in (0, 5):
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, r), i) for i in range(10)])
+        for i in (0, 5):  # image i draws from fold_in(fold_in(key, r), i)
             one = pf.bits_per_dim(model, sde, x_int[i : i + 5], num_probes=2,
-                                  key=jax.random.fold_in(jax.random.fold_in(key, r), i),
-                                  **OPTIONS)
+                                  key=keys[i : i + 5], **OPTIONS)
             np.testing.assert_array_equal(np.asarray(ev.results[r].bpd_probes[i : i + 5]),
                                           np.asarray(one.bpd_probes))
     s = pf.summarize_bits_per_dim(list(ev.results))

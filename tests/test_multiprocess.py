@@ -43,10 +43,16 @@ _WORKER = textwrap.dedent(r"""
     b = pf.distributed_bits_per_dim(r.model, sde, ds.images[:5], key=jax.random.key(3),
                                     batch_size=2, num_bins=ds.num_bins,
                                     data_range=ds.data_range, rtol=1e-3, atol=1e-3)
+    # The evaluator's solver check: its 3 tight re-solves are shared between the processes.
+    ev = pf.evaluate_bits_per_dim(r.model, sde, ds.images[:5], key=jax.random.key(3),
+                                  batch_size=2, check_solver=3, num_bins=ds.num_bins,
+                                  data_range=ds.data_range, rtol=1e-3, atol=1e-3)
     with open(f"{out}/result{i}.json", "w") as f:
         json.dump({"params": leaves(r.raw_model), "ema": leaves(r.model), "init": leaves(model),
                    "losses": r.losses.tolist(), "bpd": np.asarray(b.bpd).tolist(),
-                   "nfe": np.asarray(b.nfe).tolist(), "logp": np.asarray(b.logp).tolist()}, f)
+                   "nfe": np.asarray(b.nfe).tolist(), "logp": np.asarray(b.logp).tolist(),
+                   "tight": ev.solver.bpd_tight.tolist(), "paired": ev.solver.bpd.tolist(),
+                   "ev_bpd": ev.bpd.tolist()}, f)
 """)
 
 
@@ -118,6 +124,13 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(res["bpd"], one["bpd"], rtol=1e-5)
         np.testing.assert_allclose(res["logp"], one["logp"], rtol=1e-5, atol=1e-5)
         assert res["nfe"] == one["nfe"]
+        # The check pairs the evaluation's own values with tight re-solves split over the
+        # processes: the same numbers as on one process.
+        np.testing.assert_allclose(res["ev_bpd"], one["ev_bpd"], rtol=1e-5)
+        np.testing.assert_allclose(res["paired"], one["paired"], rtol=1e-5)
+        np.testing.assert_allclose(res["tight"], one["tight"], rtol=1e-5)
+        assert len(res["tight"]) == 3 and set(np.round(res["paired"], 5)) <= set(
+            np.round(res["ev_bpd"], 5))
     # The training moved the weights (the comparison is not between two initialisations).
     moved = max(np.abs(np.asarray(p) - np.asarray(q)).max()
                 for p, q in zip(one["params"], one["init"]))

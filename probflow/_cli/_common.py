@@ -242,9 +242,10 @@ def enable_compile_cache() -> Path | None:
 
     from .._compilation_cache import enable_compilation_cache
 
-    # Cache every program that took noticeable time to compile (JAX's default is >= 1 s);
-    # PROBFLOW_CACHE_MIN_COMPILE_SECS overrides the threshold (0: cache every program).
-    threshold = float(os.environ.get("PROBFLOW_CACHE_MIN_COMPILE_SECS", "0.1"))
+    # Cache every program, the small eager ones around a solve included (JAX's default keeps
+    # only those that took >= 1 s to compile): loading one is faster than compiling it again
+    # in every run. PROBFLOW_CACHE_MIN_COMPILE_SECS sets another threshold in seconds.
+    threshold = float(os.environ.get("PROBFLOW_CACHE_MIN_COMPILE_SECS", "0"))
     # The traced solves are stored beside them (pf.enable_compilation_cache's store_programs);
     # PROBFLOW_STORE_PROGRAMS=0 traces every solve in every run instead.
     store = os.environ.get("PROBFLOW_STORE_PROGRAMS", "1") != "0"

@@ -104,8 +104,9 @@ def _add_bpd(p) -> None:
                         "same draws and print the solver's estimated bias of the mean beside "
                         "the standard error (0: skip; ignored with --method elbo)")
     p.add_argument("--batch-size", type=positive_int, default=1000,
-                   help="images per call of pf.bits_per_dim (and per key: results depend on it); "
-                        "batches are split across the processes of a multi-process run")
+                   help="images per call of pf.bits_per_dim (image i draws from its own key, "
+                        "so the results do not depend on it); batches are split across the "
+                        "processes of a multi-process run")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as JSON to PATH (default: none)")
     add_process_options(p)
