@@ -167,6 +167,7 @@ SLOW = {
     "test_refill.py::test_nfe_against_host_counter[Heun]",
     "test_fewstep.py::test_order_of_convergence[deis3]",
     "test_fewstep.py::test_ipndm_and_deis_match_paper[3]",
+    "test_fewstep.py::test_ipndm_and_deis_match_reference_code[4]",  # [2], [3] and paper's [4]
     "test_options.py::test_ode_options_equal_keywords_bit_for_bit[heun10]",
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolver-2]",
     "test_dpm.py::test_closed_form_single_gaussian[ve]",

@@ -302,3 +302,36 @@ def test_compilation_cache_makes_the_second_run_load_instead_of_compile(tiny_che
     off = tmp_path / "off"
     cache = off
     assert run("--no-compile-cache") == (0, 0) and not off.exists()
+
+
+_EXIT_PROBE = """
+import atexit, sys, threading, time
+atexit.register(lambda: print("exit handler ran", flush=False))
+from probflow._cli import main
+if sys.argv[1] == "thread":
+    def late(path=sys.argv[2]):
+        time.sleep(2.5)  # still running when the command is done
+        open(path, "w").write("written")
+    threading.Thread(target=late).start()  # not a daemon: a normal exit waits for it
+sys.argv = ["probflow", "bpd", "--checkpoint", "no-such-model", "--data", "digits"]
+print("x" * 100000, end="")  # buffered output that must reach the pipe
+code = main()
+print("main returned")  # only where another thread still runs: main then returns
+raise SystemExit(code)
+"""
+
+
+def test_the_command_line_ends_its_process_itself(tmp_path):
+    """`probflow` ends its process once the command is done (skipping the interpreter's
+    teardown): the exit status is the command's, the exit handlers run, buffered output is
+    flushed, and a non-daemon thread still running is waited for as at a normal exit."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, "plain"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "x" * 100000 + "exit handler ran\n"
+    assert proc.stderr.count("\n") == 1 and "no-such-model" in proc.stderr
+    marker = tmp_path / "late.txt"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, "thread", str(marker)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and marker.read_text() == "written", proc.stderr
+    assert proc.stdout.endswith("main returned\nexit handler ran\n")

@@ -239,7 +239,10 @@ def test_no_host_callback_in_any_compiled_solve(mixture2d):
     for name, deq in {"uniform": UniformDequantization(),
                       "truncated-normal": TruncatedNormalDequantization()}.items():
         programs[f"dequantize-{name}"] = (_likelihood._dequantize, jnp.zeros((N, 2), jnp.int32),
-                                          KEY, 256, 0.0, 1.0, deq, jnp.float32, sde, 1e-5)
+                                          KEY, 256, 0.0, 1.0, deq, jnp.float32, sde, 1e-5, False)
+        programs[f"dequantize-{name}-per-example"] = (
+            _likelihood._dequantize, jnp.zeros((N, 2), jnp.int32), keys, 256, 0.0, 1.0, deq,
+            jnp.float32, sde, 1e-5, True)
     programs["elbo"] = (_elbo._elbo, model, sde, x, keys, _elbo.VariationalBound(8, 2), 1e-5)
     for name, solver in {"euler": diffrax.Euler(), "shark": diffrax.ShARK()}.items():
         so = pf.SDEOptions(solver=solver, steps=10, max_steps=100)
