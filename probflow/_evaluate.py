@@ -195,8 +195,8 @@ def evaluate_bits_per_dim(
     `summary.mean` holds the spread between images and both noises; with more repeats and probes
     only the noises' share falls (as 1/sqrt(repeats) and 1/sqrt(repeats * num_probes)).
 
-    `check_solver=N` also re-solves N images chosen at random at the tolerances and 100x
-    tighter with the same draws (`SolverBiasEstimate`): `ev.solver_bias` estimates the solver's
+    `check_solver=N` also solves N images chosen at random again, 100x tighter, with the same
+    draws (`SolverBiasEstimate`): `ev.solver_bias` estimates the solver's
     bias of the mean beside the statistical `ev.summary.sem`, with its standard error
     `ev.solver_bias_se`. The images are chosen with `fold_in(key, repeats)` (unused by the
     repeats); their tight re-solves use the first repeat's draws, and the differences are taken

@@ -100,9 +100,10 @@ def _add_bpd(p) -> None:
                    help="dequantization draws per image combined by log-mean-exp of p/q (a "
                         "bound for every K, tighter as K grows; costs K solves per image)")
     p.add_argument("--check-solver", type=nonneg_int, default=8, metavar="N",
-                   help="re-solve N random images at the tolerances and 100x tighter with the "
-                        "same draws and print the solver's estimated bias of the mean beside "
-                        "the standard error (0: skip; ignored with --method elbo)")
+                   help="solve N random images again at 100x tighter tolerances with the same "
+                        "draws, pair them with their values, and print the solver's estimated "
+                        "bias of the mean beside the standard error (0: skip; ignored with "
+                        "--method elbo)")
     p.add_argument("--batch-size", type=positive_int, default=1000,
                    help="images per call of pf.bits_per_dim (image i draws from its own key, "
                         "so the results do not depend on it); batches are split across the "
