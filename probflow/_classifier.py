@@ -15,7 +15,6 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._checkpoint import CLASSIFIER, load_module, save_module
@@ -210,6 +209,8 @@ def train_classifier(
         clf = DataClassifier(shape, num_classes, key=k_init)
     else:
         clf = NoiseConditionalClassifier(shape, num_classes, sde, key=k_init)
+    import optax  # imported when training: `import probflow` stays quicker
+
     opt = optax.adamw(
         optax.cosine_decay_schedule(config.learning_rate, config.steps),
         weight_decay=config.weight_decay,

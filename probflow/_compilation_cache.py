@@ -45,9 +45,11 @@ def enable_compilation_cache(
       every program).
     - `store_programs`: also keep the traced solves of `encode`, `decode`, `sample_ode`,
       `log_likelihood` and `bits_per_dim` (`jax.export`, in `path/programs`), so that a later
-      process skips tracing them too. Only solves whose model, SDE and plan are probflow's,
-      equinox's, diffrax's or JAX's own classes are stored; a model class of your own is traced
-      in every process (its code may change under the same name). False: trace every solve.
+      process skips tracing them too, with their compiled executables for this machine (a
+      later process skips lowering them and JAX's cache lookup). Only solves whose model, SDE
+      and plan are probflow's, equinox's, diffrax's or JAX's own classes are stored; a model
+      class of your own is traced in every process (its code may change under the same name).
+      False: trace every solve.
 
     It applies to every later compilation in this process, also after earlier ones. Raises
     `ValueError` if the directory cannot be created.

@@ -20,13 +20,13 @@ import json
 import socket
 from collections.abc import Sequence
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ._program_store import stored_jit
 from ._validate import example_keys, holds_example_keys
 
 DATA_AXIS = "data"
@@ -251,7 +251,7 @@ def process_slice(num_items: int) -> tuple[int, int]:
     return _slices(num_items)[jax.process_index()]
 
 
-@eqx.filter_jit
+@stored_jit
 def image_keys(key, n: int):
     """The keys of a data set's n images: image i draws from `fold_in(key, i)`."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))

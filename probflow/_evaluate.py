@@ -14,21 +14,27 @@ paired difference estimates the bias of every image's value (the tighter solve's
 about 100^(4/5) times smaller for a method of order 5(4)), and its standard error is their
 spread over sqrt(N). The evaluator's check (`check_solver=N`) pairs the first repeat's own values
 of N images with their tight re-solves from the same per-image keys, so it solves N images once
-more, not twice.
+more, not twice. The re-solves need none of the evaluation's values, so in one process they run
+beside it, in a second thread (`_beside`): the check's small batch uses about one core, and the
+evaluation's solves take the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._beside import Beside, run_beside
 from ._distributed import distributed_bits_per_dim, image_keys
 from ._likelihood import bits_per_dim
 from ._options import ODEOptions, as_scheduler, ode_options
+from ._program_store import stored_jit
 from ._results import BitsPerDimResult, BitsPerDimSummary, summarize_bits_per_dim
 from ._sde import AbstractSDE
 from ._validate import check_positive_int
@@ -76,9 +82,15 @@ def _plans(sde: AbstractSDE, options: dict) -> tuple[ODEOptions, ODEOptions, dic
     return plan, plan.replace(rtol=plan.rtol / 100, atol=plan.atol / 100), options
 
 
+@stored_jit
+def _choose(key: PRNGKeyArray, n: int, k: int):
+    return jax.random.choice(key, n, (k,), replace=False)
+
+
 def _pick(key: PRNGKeyArray, n: int, num_images: int) -> np.ndarray:
-    """`num_images` of n images chosen at random (all of them if fewer), in order."""
-    return np.sort(np.asarray(jax.random.choice(key, n, (min(num_images, n),), replace=False)))
+    """`num_images` of n images chosen at random (all of them if fewer), in order (one
+    program: eager, `jax.random.choice` runs a dozen)."""
+    return np.sort(np.asarray(_choose(key, n, min(num_images, n))))
 
 
 def _paired(bpd, nfe, tight: BitsPerDimResult, plan: ODEOptions) -> SolverBiasEstimate:
@@ -117,27 +129,39 @@ def estimate_solver_bias(
     x_int = x_int if isinstance(x_int, jax.Array) else np.asarray(x_int)
     k_pick, k_eval = jax.random.split(key)
     sub = x_int[_pick(k_pick, int(x_int.shape[0]), num_images)]
-    a = bits_per_dim(model, sde, sub, key=k_eval, options=plan, **options)
-    b = bits_per_dim(model, sde, sub, key=k_eval, options=tight, **options)
-    return _paired(a.bpd, a.nfe, b, plan)
+    # The tight solve runs beside the other (`run_beside`): the two share the cores.
+    beside = run_beside(lambda: bits_per_dim(model, sde, sub, key=k_eval, options=tight,
+                                             **options))
+    with _joined_on_error(beside):
+        a = bits_per_dim(model, sde, sub, key=k_eval, options=plan, **options)
+    return _paired(a.bpd, a.nfe, beside.result(), plan)
 
 
-def _check_evaluation(
-    model: Callable, sde: AbstractSDE, x_int, first: BitsPerDimResult,
-    plans: tuple[ODEOptions, ODEOptions, dict], *, key: PRNGKeyArray, image_key: PRNGKeyArray,
-    num_images: int,
-) -> SolverBiasEstimate:
-    """The solver check of `evaluate_bits_per_dim`: `num_images` images chosen with `key` are
-    solved again 100x tighter with the draws the first repeat gave them (image i's key:
-    `fold_in(image_key, i)`), and paired with the first repeat's own values for them."""
-    plan, tight, options = plans
+@contextlib.contextmanager
+def _joined_on_error(beside: Beside | None):
+    """On an error, wait for the solve running beside before it leaves (nothing is left
+    running behind it; the solve is bounded by its max_steps). Ctrl-C does not wait."""
+    try:
+        yield
+    except Exception:
+        if beside is not None:
+            beside.join()
+        raise
+
+
+def _tight_solve(
+    model: Callable, sde: AbstractSDE, x_int, tight: ODEOptions, options: dict, *,
+    key: PRNGKeyArray, image_key: PRNGKeyArray, num_images: int,
+) -> tuple[np.ndarray, BitsPerDimResult]:
+    """The re-solves of `evaluate_bits_per_dim`'s check: (the indices of `num_images` images
+    chosen with `key`, their values with the plan `tight` and the draws the first repeat gave
+    them, image i's key being `fold_in(image_key, i)`)."""
     idx = _pick(key, int(x_int.shape[0]), num_images)
     keys = image_keys(image_key, int(x_int.shape[0]))[idx]
     # In a multi-process run each process re-solves its share of the images (one batch each).
     share = -(-len(idx) // jax.process_count())
-    b = distributed_bits_per_dim(model, sde, x_int[idx], key=keys, batch_size=share,
-                                 options=tight, **options)
-    return _paired(np.asarray(first.bpd)[idx], np.asarray(first.nfe)[idx], b, plan)
+    return idx, distributed_bits_per_dim(model, sde, x_int[idx], key=keys, batch_size=share,
+                                         options=tight, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,19 +251,31 @@ def evaluate_bits_per_dim(
     batch_size = n if batch_size is None else check_positive_int(batch_size, "batch_size")
     # The check's plans, validated before the evaluation.
     plans = None if num_check is None else _plans(sde, dict(options, num_probes=num_probes))
+    check = None
+    if plans is not None and num_check is not None:
+        # The check's re-solves need none of the evaluation's values: they run beside it
+        # (`run_beside`), and only the pairing waits for both. A multi-process run keeps one
+        # thread: its processes must meet in their collectives in the same order.
+        _, tight, tight_options = plans
+        check = run_beside(functools.partial(
+            _tight_solve, model, sde, x_int, tight, tight_options,
+            key=jax.random.fold_in(key, repeats), image_key=jax.random.fold_in(key, 0),
+            num_images=num_check,
+        ), alone=jax.process_count() > 1)
     # Repeat r over all images: image i draws from fold_in(fold_in(key, r), i), the batches
     # split across the processes of a multi-process run (one process: the plain loop).
-    results = [
-        distributed_bits_per_dim(model, sde, x_int, key=jax.random.fold_in(key, r),
-                                 batch_size=batch_size, num_probes=num_probes, **options)
-        for r in range(repeats)
-    ]
+    with _joined_on_error(check):
+        results = [
+            distributed_bits_per_dim(model, sde, x_int, key=jax.random.fold_in(key, r),
+                                     batch_size=batch_size, num_probes=num_probes, **options)
+            for r in range(repeats)
+        ]
     solver = None
-    if plans is not None and num_check is not None:
-        solver = _check_evaluation(
-            model, sde, x_int, results[0], plans, key=jax.random.fold_in(key, repeats),
-            image_key=jax.random.fold_in(key, 0), num_images=num_check,
-        )
+    if check is not None and plans is not None:
+        idx, tight_values = check.result()
+        first = results[0]
+        solver = _paired(np.asarray(first.bpd)[idx], np.asarray(first.nfe)[idx], tight_values,
+                         plans[0])
     return BitsPerDimEvaluation(summary=summarize_bits_per_dim(results), results=tuple(results),
                                 solver=solver)
 

@@ -203,7 +203,7 @@ def log_likelihood(
     )
 
 
-@eqx.filter_jit
+@stored_jit
 def _dequantize(x_int, key, num_bins, lo, hi, dequantization, dtype, sde, eps, per_example: bool):
     """Model-space draws y and log q_u(u | x) [B] (see `_dequantization.py`); the cell centres
     and log q_u = 0 when `dequantization` is None (no dequantization). `per_example`: `key`
@@ -392,7 +392,7 @@ def bits_per_dim(
     )
 
 
-@eqx.filter_jit
+@stored_jit
 def _row_keys(keys, k: int):
     """The dequantization and probe keys of the K * B rows (row k * B + b: draw k of example b)
     from one key per example: fold_in(split(keys[b])[i], k), i = 0 for the noise, 1 the probes."""
@@ -405,7 +405,7 @@ def _row_keys(keys, k: int):
     return rows(0), rows(1)
 
 
-@eqx.filter_jit
+@stored_jit
 def _bits_per_dim_of(logp_probes, log_q, nfe, num_steps, k: int, d: int, log_width: float):
     """The bits/dim formula of `bits_per_dim` on the K draws of B images (rows k * B + b), as
     one compiled program rather than a dozen small ones."""

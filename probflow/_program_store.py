@@ -16,6 +16,14 @@ equinox, diffrax or numpy: a model class or a function of the user's own is trac
 time, since its code can change between runs under the same name. Arrays spread over several
 devices or processes are traced every time too (the stored program is for one device). A store
 that cannot be read or written is skipped, never an error: the solve is then traced as usual.
+
+Beside each traced program the store keeps its compiled executable for this machine
+(`jax.experimental.serialize_executable`), so that a new process skips lowering the program
+and JAX's cache lookup too: it reads the executable and runs it. An executable is specific to
+the machine that compiled it, so its file name adds a digest of jaxlib's version, the
+backend's platform and version, `XLA_FLAGS` and the CPU's feature flags (`_machine`); another
+machine, or the same one under another `XLA_FLAGS`, compiles its own. A program that calls
+LAPACK (which JAX sets up while lowering) is loaded through JAX's cache instead.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import jax.core
 import jax.export
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import serialize_executable
 
 from ._failures import Failure
 
@@ -51,13 +60,17 @@ _KNOWN_PACKAGES = frozenset(
      "builtins", "math", "operator"}
 )
 _VERSIONED = ("jax", "jaxlib", "equinox", "diffrax", "lineax", "numpy")
+#: The environment variables that change what XLA compiles.
+_COMPILE_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 #: JAX flags that change what a trace produces.
 _TRACE_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion",
                 "jax_numpy_dtype_promotion", "jax_default_prng_impl",
                 "jax_threefry_partitionable")
-_MAGIC = b"probflow-program-1\n"  # then the payload's sha256 in hex and a newline
-_HEADER = len(_MAGIC) + 64 + 1
+# A file: its magic line, the payload's sha256 in hex and a newline, then the payload.
+_MAGIC = b"probflow-program-1\n"  # a traced program (jax.export)
+_EXE_MAGIC = b"probflow-executable-1\n"  # a compiled executable (serialize_executable)
 _SUFFIX = ".jaxexport"
+_EXE_SUFFIX = ".xlaexe"
 
 _store: Path | None = None
 
@@ -165,6 +178,27 @@ def _versions() -> list[str]:
     return [platform.python_version(), *found, _source_digest()]
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags (Linux's /proc/cpuinfo), else what `platform` says of it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+@functools.cache
+def _machine() -> str:
+    """A digest of what a compiled executable is specific to (see the module docstring)."""
+    client = jax.devices()[0].client
+    described = [_versions(), client.platform, client.platform_version,
+                 [os.environ.get(name, "") for name in _COMPILE_ENV], _cpu_features()]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+
 def _key(name: str, treedef, leaves) -> str:
     device = jax.devices()[0]
     described = [
@@ -178,16 +212,25 @@ def _key(name: str, treedef, leaves) -> str:
 # ------------------------------------------------------------------------------ the files
 
 
-def _read(path: Path):
-    """The stored program at `path`, None if it is missing or damaged."""
+def _read_payload(path: Path, magic: bytes) -> bytes | None:
+    """The payload of the file at `path`, None if it is missing or damaged."""
     try:
         blob = path.read_bytes()
     except OSError:
         return None
-    if not blob.startswith(_MAGIC) or len(blob) < _HEADER:
+    header = len(magic) + 64 + 1
+    if not blob.startswith(magic) or len(blob) < header:
         return None
-    payload = blob[_HEADER:]
-    if hashlib.sha256(payload).hexdigest().encode() != blob[len(_MAGIC):_HEADER - 1]:
+    payload = blob[header:]
+    if hashlib.sha256(payload).hexdigest().encode() != blob[len(magic):header - 1]:
+        return None
+    return payload
+
+
+def _read(path: Path):
+    """The stored program at `path`, None if it is missing or damaged."""
+    payload = _read_payload(path, _MAGIC)
+    if payload is None:
         return None
     try:
         return jax.export.deserialize(bytearray(payload))
@@ -195,11 +238,24 @@ def _read(path: Path):
         return None
 
 
-def _write(path: Path, payload: bytes) -> None:
-    """Write atomically (a file that is there is whole); a full disk only skips the store."""
-    blob = _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+def _read_executable(path: Path, exported, specs: list):
+    """The executable of `exported` stored at `path`, None if it is missing, damaged or not
+    loadable here."""
+    payload = _read_payload(path, _EXE_MAGIC)
+    if payload is None:
+        return None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_SUFFIX)
+        return serialize_executable.deserialize_and_load(
+            payload, jax.tree.structure((tuple(specs), {})), exported.out_tree)
+    except Exception:  # another jaxlib's format: compile again
+        return None
+
+
+def _write(path: Path, payload: bytes, magic: bytes = _MAGIC) -> None:
+    """Write atomically (a file that is there is whole); a full disk only skips the store."""
+    blob = magic + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -275,6 +331,9 @@ class _StoredJit:
 
     def _load_or_export(self, store, key, treedef, leaves, arrays):
         path = store / (key + _SUFFIX)
+        specs = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype,
+                                      weak_type=jax.typeof(leaves[i]).weak_type)
+                 for i in arrays]
         exported = _read(path)
         if exported is None:
             fn = self._fn
@@ -285,9 +344,7 @@ class _StoredJit:
                     full[i] = x
                 return fn(*jax.tree.unflatten(treedef, full))
 
-            specs = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype,
-                                          weak_type=jax.typeof(leaves[i]).weak_type)
-                     for i in arrays]
+            flat.__name__ = flat.__qualname__ = fn.__name__  # JAX's events name the function
             try:
                 exported = jax.export.export(jax.jit(flat))(*specs)
                 payload = exported.serialize()
@@ -297,7 +354,19 @@ class _StoredJit:
                 # and raises whatever error it has.
                 return None
             _write(path, bytes(payload))
-        return jax.jit(exported.call)
+        call = jax.jit(exported.call)
+        if b"lapack" in exported.mlir_module_serialized:
+            return call  # LAPACK is set up by lowering: through JAX's cache
+        exe_path = store / f"{key}-{_machine()}{_EXE_SUFFIX}"
+        compiled = _read_executable(exe_path, exported, specs)
+        if compiled is None:
+            try:
+                compiled = call.lower(*specs).compile()
+                payload, _, _ = serialize_executable.serialize(compiled)
+            except Exception:  # an executable that cannot be serialised: JAX's cache only
+                return call
+            _write(exe_path, payload, _EXE_MAGIC)
+        return compiled
 
 
 def stored_jit(fn: Callable) -> Callable:

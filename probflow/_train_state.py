@@ -8,13 +8,12 @@ only: step `k` draws its batch, dequantization noise and loss noise from
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from ._loss import dsm_loss
@@ -23,6 +22,9 @@ from ._train_config import TrainConfig
 from .data import Dataset
 from .data._dataset import to_model_space
 from .models._base import AbstractScoreModel
+
+if TYPE_CHECKING:
+    import optax
 
 #: How the optimiser is built; recorded in a run's config.json (a resumed run must match).
 OPTIMIZER_DESCRIPTION = "clip_by_global_norm, adam, lr * min(1, (k + 1) / max(warmup, 1))"
@@ -36,6 +38,8 @@ def learning_rate(config: TrainConfig):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    import optax  # imported when training: `import probflow` stays quicker
+
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip), optax.adam(learning_rate(config))
     )
@@ -148,6 +152,8 @@ class TrainChunk(eqx.Module):
         loss_fn = lambda params: self._loss(params, x, k_loss)
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        import optax
+
         params = optax.apply_updates(state.params, updates)
         d = ema_decay(self.config, step)
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)

@@ -34,7 +34,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from ._checkpoint import write_atomically
@@ -249,6 +248,8 @@ class _LBFGSStep(eqx.Module):
     optimiser: Any = eqx.field(static=True)
 
     def __call__(self, params, state, z, ref):
+        import optax
+
         fn = lambda p: self.objective(p, z, ref)
         value, grad = optax.value_and_grad_from_state(fn)(params, state=state)
         updates, state = self.optimiser.update(grad, state, params, value=value, grad=grad,
@@ -264,6 +265,8 @@ def _lbfgs_step(step, params, state, z, ref):
 def _adam(objective, learning_rate: float):
     """`tune_schedule`'s optimiser for `_minimise`: its initial state and its step, which returns
     the parameters after one Adam step and the loss at the parameters it was given."""
+    import optax  # imported when tuning: `import probflow` stays quicker
+
     optimiser = optax.adam(learning_rate)
 
     def step(params, state, z, ref):
@@ -278,6 +281,8 @@ def _lbfgs(objective):
     """`tune_solver`'s optimiser for `_minimise`, L-BFGS: for a few dozen smooth parameters it
     reaches in 40 steps what Adam reached in 100 (docs/samplers.md), at one or two solves a
     step."""
+    import optax
+
     optimiser = optax.lbfgs()
 
     def init(params):

@@ -38,7 +38,7 @@ e = pf.encode(model, sde, np.asarray(s.x), solver=__import__("diffrax").Heun(), 
 hits = events.count("/jax/compilation_cache/cache_hits")
 misses = events.count("/jax/compilation_cache/cache_misses")
 print("CACHE", hits, misses, float(np.mean(r.bpd)), float(np.mean(r2.bpd)),
-      traced.count("flat") + traced.count("_log_likelihood") + traced.count("_encode"))
+      traced.count("_log_likelihood") + traced.count("_encode"))
 """
 
 
@@ -55,7 +55,9 @@ def test_second_process_compiles_nothing(tmp_path):
     hits1, misses1, bpd1, lock1, traced1 = _run(cache)
     stored = [p for p in cache.iterdir() if p.name.endswith("-cache")]
     assert misses1 > 0 and stored  # the first process compiled and stored its programs
-    assert traced1 == 3 and len(list((cache / "programs").glob("*.jaxexport"))) == 3
+    # Three solves traced to be stored (bits/dim with two schedulers, encode), and stored with
+    # the small programs around the likelihood (the dequantization, the bits/dim formula).
+    assert traced1 == 3 and len(list((cache / "programs").glob("*.jaxexport"))) > 3
     hits2, misses2, bpd2, lock2, traced2 = _run(cache)
     assert misses2 == 0 and hits2 > 0  # the second compiles nothing: it loads every program
     assert traced2 == 0  # and traces no likelihood or encode solve: it loads them too

@@ -6,11 +6,13 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import probflow as pf
-from probflow import _flow, _likelihood, _program_store
+from probflow import _distributed, _evaluate, _flow, _likelihood, _program_store
+from probflow.models import UNet
 
 _X_INT = np.array([[3, 9], [12, 5], [0, 16], [7, 7]])
 
@@ -39,7 +41,9 @@ def store(tmp_path):
 
 def _forget_loaded():
     """As a new process: nothing held in memory, only the files."""
-    for wrapper in (_likelihood._log_likelihood, _flow._encode, _flow._decode):
+    for wrapper in (_likelihood._log_likelihood, _likelihood._dequantize,
+                    _likelihood._row_keys, _likelihood._bits_per_dim_of, _flow._encode,
+                    _flow._decode, _distributed.image_keys, _evaluate._choose):
         assert isinstance(wrapper, _program_store._StoredJit)
         wrapper._loaded.clear()
         wrapper._not_stored.clear()
@@ -49,6 +53,27 @@ def _bpd(model, sde, rtol=1e-3):
     r = pf.bits_per_dim(model, sde, _X_INT, key=jax.random.key(3), num_bins=17, rtol=rtol,
                         atol=rtol)
     return np.asarray(r.bpd), np.asarray(r.nfe)
+
+
+@pytest.fixture
+def lowerings():
+    """The names of the functions JAX lowers to MLIR while the test runs."""
+    names = []
+
+    def listener(event: str, duration_secs: float, **kw: str | int) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            names.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield names
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _solve_files(store):
+    """The likelihood solve's traced program and its executable for this machine."""
+    (key,) = _likelihood._log_likelihood._loaded
+    return (store / (key + _program_store._SUFFIX),
+            store / f"{key}-{_program_store._machine()}{_program_store._EXE_SUFFIX}")
 
 
 def test_stored_programs_are_the_plain_programs_and_load_without_tracing(
@@ -62,30 +87,111 @@ def test_stored_programs_are_the_plain_programs_and_load_without_tracing(
     _program_store.open_program_store(store)
     traces.clear()
     exported = _bpd(model, sde)
-    (path,) = store.glob("*.jaxexport")  # the likelihood solve
-    assert traces.count("flat") == 1  # traced once, to be exported
+    path, exe = _solve_files(store)
+    programs = sorted(store.glob("*.jaxexport"))
+    # The solve, the dequantization and the bits/dim formula: each traced once, to be exported.
+    assert path in programs and len(programs) == 3
+    assert [traces.count(f) for f in ("_log_likelihood", "_dequantize", "_bits_per_dim_of")] == [
+        1, 1, 1]
+    # The mixture's score calls LAPACK (a Cholesky factor): its solve keeps no executable.
+    assert not exe.exists() and len(list(store.glob("*.xlaexe"))) == 2
     _forget_loaded()
     traces.clear()
     loaded = _bpd(model, sde)
-    assert "flat" not in traces and "_log_likelihood" not in traces  # loaded, not traced
+    assert not {"_log_likelihood", "_dequantize", "_bits_per_dim_of"} & set(traces)  # loaded
     for a, b, c in zip(plain, exported, loaded):
         np.testing.assert_array_equal(a, b)  # the same program, run in one process
         np.testing.assert_array_equal(a, c)
     # The tolerances are arrays of the plan: another one runs the same program.
     _bpd(model, sde, rtol=1e-4)
-    assert list(store.glob("*.jaxexport")) == [path] and "flat" not in traces
+    assert sorted(store.glob("*.jaxexport")) == programs and "_log_likelihood" not in traces
     # A damaged file (one flipped byte: its checksum no longer matches) is traced again.
     blob = bytearray(path.read_bytes())
     blob[-10] ^= 0xFF
     path.write_bytes(bytes(blob))
     _forget_loaded()
     again = _bpd(model, sde)
-    assert traces.count("flat") == 1
+    assert traces.count("_log_likelihood") == 1
     np.testing.assert_array_equal(plain[0], again[0])
     assert _program_store._read(path) is not None  # written again, whole
     # Another solve is another program, stored beside the first.
     pf.encode(model, sde, _X_INT / 16.0, solver=diffrax.Heun(), steps=6)
-    assert len(list(store.glob("*.jaxexport"))) == 2 and traces.count("flat") == 2
+    assert len(list(store.glob("*.jaxexport"))) == 4 and traces.count("_encode") == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    sde = pf.VPSDE()
+    return UNet(sde=sde, channels=(8,), key=jax.random.key(5)), sde
+
+
+_DIGITS = np.random.default_rng(0).integers(0, 17, size=(2, 8, 8, 1))
+
+
+def _unet_bpd(model, sde):
+    r = pf.bits_per_dim(model, sde, _DIGITS, key=jax.random.key(3), num_bins=17, rtol=1e-2,
+                        atol=1e-2)
+    return np.asarray(r.bpd), np.asarray(r.nfe)
+
+
+def test_executables_run_as_they_are_stored(tiny_unet, store, lowerings, monkeypatch):
+    """A U-Net's solve is stored with its executable; a new process runs it with nothing
+    lowered or looked up, and the same numbers. A damaged executable is compiled again; another
+    machine (another CPU, jaxlib or XLA_FLAGS: `_machine`) compiles its own beside it."""
+    model, sde = tiny_unet
+    # JAX's cache, so that each program is compiled once (conftest turns it off).
+    pf.enable_compilation_cache(store.parent / "compiled", store_programs=False)
+    _program_store.open_program_store(store)
+    first = _unet_bpd(model, sde)
+    path, exe = _solve_files(store)
+    assert path.is_file() and exe.is_file()
+    _forget_loaded()
+    lowerings.clear()
+    loaded = _unet_bpd(model, sde)
+    assert lowerings == []  # no program lowered, none looked up in JAX's cache
+    for a, b in zip(first, loaded):
+        np.testing.assert_array_equal(a, b)  # the same program, run in one process
+    # A damaged executable (one flipped byte) is compiled again and written again, whole.
+    blob = bytearray(exe.read_bytes())
+    blob[-10] ^= 0xFF
+    exe.write_bytes(bytes(blob))
+    _forget_loaded()
+    again = _unet_bpd(model, sde)
+    assert lowerings == ["jit(call)"]
+    np.testing.assert_array_equal(first[0], again[0])
+    assert _program_store._read_payload(exe, _program_store._EXE_MAGIC) is not None
+    # Another machine: its own executable beside the first, from the same traced program.
+    monkeypatch.setattr(_program_store, "_machine", lambda: "another-machine")
+    _forget_loaded()
+    other = _unet_bpd(model, sde)
+    assert _solve_files(store) == (path, store / f"{path.stem}-another-machine.xlaexe")
+    assert exe.is_file() and _solve_files(store)[1].is_file()
+    np.testing.assert_array_equal(first[0], other[0])
+
+
+def test_the_machine_digest_follows_xla_flags(monkeypatch):
+    _program_store._machine.cache_clear()
+    here = _program_store._machine()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=SSE4_2")
+    _program_store._machine.cache_clear()
+    assert _program_store._machine() != here
+    monkeypatch.undo()
+    _program_store._machine.cache_clear()
+    assert _program_store._machine() == here
+
+
+def _solve_3x3(a, b):
+    return jnp.linalg.solve(a, b)
+
+
+def test_a_program_that_calls_lapack_keeps_no_executable(store):
+    """LAPACK is set up while JAX lowers a program: such a program is stored traced only and
+    runs through JAX's cache."""
+    solve = _program_store.stored_jit(_solve_3x3)
+    a = jnp.array([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    b = jnp.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(np.asarray(solve(a, b)), np.linalg.solve(a, b), rtol=1e-5)
+    assert len(list(store.glob("*.jaxexport"))) == 1 and not list(store.glob("*.xlaexe"))
 
 
 class _OwnScore(eqx.Module):
@@ -103,7 +209,9 @@ def test_a_users_model_class_is_never_stored(mixture2d, store):
     r = pf.bits_per_dim(_OwnScore(mixture2d, sde), sde, _X_INT, key=jax.random.key(0),
                         num_bins=17, rtol=1e-3, atol=1e-3)
     assert np.isfinite(np.asarray(r.bpd)).all()
-    assert not list(store.glob("*.jaxexport"))
+    # The solve takes the model: not stored (the dequantization and the formula are).
+    assert not _likelihood._log_likelihood._loaded
+    assert len(list(store.glob("*.jaxexport"))) == 2
     with pytest.raises(_program_store._NotStorable):
         _program_store._describe(lambda x: x)
 
