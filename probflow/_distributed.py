@@ -21,7 +21,6 @@ import socket
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -252,9 +251,10 @@ def process_slice(num_items: int) -> tuple[int, int]:
 
 
 @stored_jit
-def image_keys(key, n: int):
-    """The keys of a data set's n images: image i draws from `fold_in(key, i)`."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+def image_keys(key, indices):
+    """The keys of a data set's images `indices` (an int array): image i draws from
+    `fold_in(key, i)`."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
 def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, **options):
@@ -289,7 +289,8 @@ def distributed_bits_per_dim(model, sde, x_int, *, key, batch_size: int = 100, *
     n = int(x_int.shape[0])
     starts = list(range(0, n, batch_size))
     first, last = process_slice(len(starts))
-    keys = example_keys(key, n) if holds_example_keys(key) else image_keys(key, n)
+    keys = (example_keys(key, n) if holds_example_keys(key)
+            else image_keys(key, np.arange(n, dtype=np.int32)))
     mine = [
         bits_per_dim(model, sde, x_int[s : s + batch_size], key=keys[s : s + batch_size],
                      **options)

@@ -157,7 +157,7 @@ def _tight_solve(
     chosen with `key`, their values with the plan `tight` and the draws the first repeat gave
     them, image i's key being `fold_in(image_key, i)`)."""
     idx = _pick(key, int(x_int.shape[0]), num_images)
-    keys = image_keys(image_key, int(x_int.shape[0]))[idx]
+    keys = image_keys(image_key, idx.astype(np.int32))
     # In a multi-process run each process re-solves its share of the images (one batch each).
     share = -(-len(idx) // jax.process_count())
     return idx, distributed_bits_per_dim(model, sde, x_int[idx], key=keys, batch_size=share,
