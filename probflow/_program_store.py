@@ -199,6 +199,12 @@ def _machine() -> str:
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
 
 
+def _home():
+    """The device an executable of the store runs on: JAX's first device (a stored program
+    called with arrays elsewhere runs jitted, as JAX places it)."""
+    return jax.devices()[0]
+
+
 def _key(name: str, treedef, leaves) -> str:
     device = jax.devices()[0]
     described = [
@@ -246,7 +252,8 @@ def _read_executable(path: Path, exported, specs: list):
         return None
     try:
         return serialize_executable.deserialize_and_load(
-            payload, jax.tree.structure((tuple(specs), {})), exported.out_tree)
+            payload, jax.tree.structure((tuple(specs), {})), exported.out_tree,
+            execution_devices=[_home()])
     except Exception:  # another jaxlib's format: compile again
         return None
 
@@ -293,7 +300,8 @@ class _StoredJit:
         self._fn = fn
         self._jit = eqx.filter_jit(fn)
         self._name = f"{fn.__module__}.{fn.__qualname__}"
-        self._loaded: dict[str, Callable] = {}  # key -> the jitted call of its program
+        # key -> (the stored program's jitted call, its executable for `_home` or None)
+        self._loaded: dict[str, tuple[Callable, Callable | None]] = {}
         self._not_stored: set[str] = set()
         functools.update_wrapper(self, fn)
 
@@ -316,14 +324,18 @@ class _StoredJit:
             return self._jit(*args)
         if key in self._not_stored:
             return self._jit(*args)
-        call = self._loaded.get(key)
-        if call is None:
-            call = self._load_or_export(store, key, treedef, leaves, arrays)
-            if call is None:
+        loaded = self._loaded.get(key)
+        if loaded is None:
+            loaded = self._load_or_export(store, key, treedef, leaves, arrays)
+            if loaded is None:
                 self._not_stored.add(key)
                 return self._jit(*args)
-            self._loaded[key] = call
-        return call(*(leaves[i] for i in arrays))
+            self._loaded[key] = loaded
+        call, executable = loaded
+        dynamic = [leaves[i] for i in arrays]
+        if executable is not None and all(x.sharding.device_set == {_home()} for x in dynamic):
+            return executable(*dynamic)
+        return call(*dynamic)  # arrays on another device: the stored program, jitted there
 
     def lower(self, *args):
         """The plain jit's lowering (as `eqx.filter_jit(fn).lower`), for inspection."""
@@ -356,7 +368,11 @@ class _StoredJit:
             _write(path, bytes(payload))
         call = jax.jit(exported.call)
         if b"lapack" in exported.mlir_module_serialized:
-            return call  # LAPACK is set up by lowering: through JAX's cache
+            return call, None  # LAPACK is set up by lowering: through JAX's cache
+        # The executable runs on the default device (`_home`), where the arrays usually are.
+        home = jax.sharding.SingleDeviceSharding(_home())
+        specs = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=home, weak_type=s.weak_type)
+                 for s in specs]
         exe_path = store / f"{key}-{_machine()}{_EXE_SUFFIX}"
         compiled = _read_executable(exe_path, exported, specs)
         if compiled is None:
@@ -364,9 +380,9 @@ class _StoredJit:
                 compiled = call.lower(*specs).compile()
                 payload, _, _ = serialize_executable.serialize(compiled)
             except Exception:  # an executable that cannot be serialised: JAX's cache only
-                return call
+                return call, None
             _write(exe_path, payload, _EXE_MAGIC)
-        return compiled
+        return call, compiled
 
 
 def stored_jit(fn: Callable) -> Callable:

@@ -2,6 +2,10 @@
 plain `eqx.filter_jit` one (bit for bit, in one process), is loaded instead of traced, and is
 never used where its key could not pin its code (a user's own model class)."""
 
+import os
+import subprocess
+import sys
+
 import diffrax
 import equinox as eqx
 import jax
@@ -219,3 +223,34 @@ def test_a_users_model_class_is_never_stored(mixture2d, store):
 def test_store_programs_argument(tmp_path):
     with pytest.raises(ValueError, match="store_programs must be True or False"):
         pf.enable_compilation_cache(tmp_path, store_programs="yes")  # type: ignore[arg-type]
+
+
+_TWO_DEVICES = """
+import sys, tempfile
+import jax, jax.numpy as jnp, numpy as np
+from probflow import _program_store
+from probflow._likelihood import _bits_per_dim_of
+_program_store.open_program_store(tempfile.mkdtemp())
+args = (jnp.arange(4.0).reshape(4, 1), jnp.ones((4,)), jnp.ones((4,), jnp.int32),
+        jnp.ones((4,), jnp.int32))
+first = _bits_per_dim_of(*args, 1, 2, 0.5)
+_bits_per_dim_of._loaded.clear()  # as a new process: the files only
+loaded = _bits_per_dim_of(*args, 1, 2, 0.5)
+(entry,) = _bits_per_dim_of._loaded.values()
+elsewhere = _bits_per_dim_of(*jax.device_put(args, jax.devices()[1]), 1, 2, 0.5)
+same = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in
+           zip(jax.tree.leaves(first), jax.tree.leaves(loaded), jax.tree.leaves(elsewhere)))
+print("RESULT", entry[1] is not None, jax.tree.leaves(loaded)[0].devices() == {jax.devices()[0]},
+      jax.tree.leaves(elsewhere)[0].devices() == {jax.devices()[1]}, same)
+"""
+
+
+def test_executables_on_a_machine_with_two_devices():
+    """With two devices an executable is loaded for the first (JAX's default) and runs there;
+    arrays on the other device run the stored program jitted where they are, with the same
+    numbers."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("RESULT")[1].split() == ["True"] * 4
