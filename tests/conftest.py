@@ -122,6 +122,7 @@ SLOW = {
     "test_dpm.py::test_log_snr_time_and_adaptive",
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolver-1]",
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolverMultistep-2]",
+    "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolver-3]",  # order 3: [..Multistep-3]
     "test_dpm.py::test_nfe_matches_host_counter[DPMSolver-7-t]",
     "test_dpm.py::test_nfe_matches_host_counter[DPMSolver-4-log_snr]",
     "test_dpm.py::test_nfe_matches_host_counter[DPMSolverMultistep-5-t]",
@@ -174,7 +175,6 @@ SLOW = {
     "test_options.py::test_ode_options_equal_keywords_bit_for_bit[heun10]",
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolver-2]",
     "test_dpm.py::test_closed_form_single_gaussian[ve]",
-    "test_dpm.py::test_closed_form_single_gaussian[subvp]",
     "test_controllable.py::test_exact_classifier_gives_exact_component_samples[subvp]",
     "test_fewstep.py::test_unipc_matches_paper[1-bh1-data-lof]",
     "test_fewstep.py::test_unipc_matches_reference_code[unipc_3_bh2_noise_logSNR]",
