@@ -123,6 +123,8 @@ SLOW = {
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolver-1]",
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolverMultistep-2]",
     "test_dpm.py::test_order_of_convergence_on_mixture[DPMSolver-3]",  # order 3: [..Multistep-3]
+    "test_dpm.py::test_closed_form_single_gaussian[subvp]",  # the closed form: [vp]
+    "test_fewstep.py::test_nfe_matches_host_counter_on_unet[deis]",  # on the U-Net: [unipc3]
     "test_dpm.py::test_nfe_matches_host_counter[DPMSolver-7-t]",
     "test_dpm.py::test_nfe_matches_host_counter[DPMSolver-4-log_snr]",
     "test_dpm.py::test_nfe_matches_host_counter[DPMSolverMultistep-5-t]",
