@@ -333,7 +333,8 @@ class _StoredJit:
             self._loaded[key] = loaded
         call, executable = loaded
         dynamic = [leaves[i] for i in arrays]
-        if executable is not None and all(x.sharding.device_set == {_home()} for x in dynamic):
+        home = {_home()}
+        if executable is not None and all(x.sharding.device_set == home for x in dynamic):
             return executable(*dynamic)
         return call(*dynamic)  # arrays on another device: the stored program, jitted there
 

@@ -21,18 +21,29 @@ from probflow.models import UNet
 _X_INT = np.array([[3, 9], [12, 5], [0, 16], [7, 7]])
 
 
-@pytest.fixture
-def traces():
-    """The names of the functions JAX traces while the test runs."""
+def _function_names(event: str):
+    """The names of the functions of JAX's duration `event` while the test runs."""
     names = []
 
-    def listener(event: str, duration_secs: float, **kw: str | int) -> None:
-        if event == "/jax/core/compile/jaxpr_trace_duration":
+    def listener(name: str, duration_secs: float, **kw: str | int) -> None:
+        if name == event:
             names.append(kw.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     yield names
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def traces():
+    """The names of the functions JAX traces while the test runs."""
+    yield from _function_names("/jax/core/compile/jaxpr_trace_duration")
+
+
+@pytest.fixture
+def lowerings():
+    """The names of the functions JAX lowers to MLIR while the test runs."""
+    yield from _function_names("/jax/core/compile/jaxpr_to_mlir_module_duration")
 
 
 @pytest.fixture
@@ -57,20 +68,6 @@ def _bpd(model, sde, rtol=1e-3):
     r = pf.bits_per_dim(model, sde, _X_INT, key=jax.random.key(3), num_bins=17, rtol=rtol,
                         atol=rtol)
     return np.asarray(r.bpd), np.asarray(r.nfe)
-
-
-@pytest.fixture
-def lowerings():
-    """The names of the functions JAX lowers to MLIR while the test runs."""
-    names = []
-
-    def listener(event: str, duration_secs: float, **kw: str | int) -> None:
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            names.append(kw.get("fun_name"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield names
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _solve_files(store):
